@@ -1,0 +1,58 @@
+"""personaweave: persona-conditioned dialogue models for the Hugging Face ecosystem.
+
+Importing the package registers the PersonaWeave classes with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from .chat import chat, describe
+from .configuration_personaweave import PersonaWeaveConfig
+from .modeling_personaweave import (
+    PersonaEmbedding,
+    PersonaWeaveForCausalLM,
+    PersonaWeaveForConditionalGeneration,
+    PersonaWeavePreTrainedModel,
+)
+from .personas import TRAITS, Persona, PersonaBank, persona_prompt, persona_token
+
+__version__ = "0.1.0"
+
+# The one place where the Auto classes are registered: locally (AutoX.register) and, for
+# saved folders, in their config's auto_map (register_for_auto_class).
+AutoConfig.register(PersonaWeaveConfig.model_type, PersonaWeaveConfig, exist_ok=True)
+AutoModelForCausalLM.register(PersonaWeaveConfig, PersonaWeaveForCausalLM, exist_ok=True)
+AutoModelForSeq2SeqLM.register(PersonaWeaveConfig, PersonaWeaveForConditionalGeneration, exist_ok=True)
+PersonaWeaveConfig.register_for_auto_class()
+PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+
+
+def add_persona_tokens(tokenizer, model) -> list[str]:
+    """Add every reserved token of `model`'s bank to `tokenizer` (e.g. a freshly loaded base
+    tokenizer) and check that the ids agree with the model's; returns the tokens."""
+    tokens = [persona_token(n, i) for n in model.config.persona_names
+              for i in range(model.config.num_persona_tokens)]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    expected = [i for row in model.config.persona_token_ids for i in row]
+    if ids != expected:
+        raise ValueError("The tokenizer assigns other ids to the persona tokens than the model: "
+                         "load the tokenizer saved with the model instead.")
+    return tokens
+
+
+__all__ = [
+    "TRAITS",
+    "Persona",
+    "PersonaBank",
+    "PersonaEmbedding",
+    "PersonaWeaveConfig",
+    "PersonaWeaveForCausalLM",
+    "PersonaWeaveForConditionalGeneration",
+    "PersonaWeavePreTrainedModel",
+    "add_persona_tokens",
+    "chat",
+    "describe",
+    "persona_prompt",
+    "persona_token",
+]

@@ -1,0 +1,76 @@
+"""Configuration of PersonaWeave models.
+
+Kept free of any import outside transformers and this folder: `save_pretrained` copies this
+file next to the weights, so a saved model loads with `trust_remote_code=True` on a machine
+without personaweave installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+
+class PersonaWeaveConfig(PretrainedConfig):
+    r"""Configuration of a persona-conditioned language model.
+
+    Args:
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            The wrapped language model's configuration (any causal LM, or a T5/BART-style
+            encoder-decoder). Defaults to a Llama config.
+        persona_dim (`int`, *optional*, defaults to 384):
+            Size of a persona vector (the sentence encoder's embedding size; 384 for MiniLM).
+        num_persona_tokens (`int`, *optional*, defaults to 4):
+            Soft vectors per persona, i.e. reserved tokens per persona in the tokenizer.
+        persona_hidden_size (`int`, *optional*, defaults to 512):
+            Width of the persona MLP's hidden layer.
+        personas (`list[dict]`, *optional*):
+            The persona bank's entries, in order: `name`, `token_ids` (one per soft vector)
+            and metadata (`description`, `traits`, `examples`, `blend`). The vectors themselves
+            are model weights (`persona_vectors`).
+    """
+
+    model_type = "personaweave"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: Optional[PretrainedConfig | dict[str, Any]] = None,
+        persona_dim: int = 384,
+        num_persona_tokens: int = 4,
+        persona_hidden_size: int = 512,
+        personas: Optional[list[dict[str, Any]]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(text_config, dict):
+            model_type = text_config.get("model_type", "llama")
+            text_config = CONFIG_MAPPING[model_type](**text_config)
+        elif text_config is None:
+            text_config = CONFIG_MAPPING["llama"]()
+        self.text_config = text_config
+        self.persona_dim = persona_dim
+        self.num_persona_tokens = num_persona_tokens
+        self.persona_hidden_size = persona_hidden_size
+        self.personas = [dict(p) for p in (personas or [])]
+        # Generation and weight tying read these from the top-level config.
+        kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        kwargs.setdefault("is_encoder_decoder", getattr(text_config, "is_encoder_decoder", False))
+        # PretrainedConfig.__init__ pushes its attn_implementation down to text_config: keep the
+        # wrapped model's choice unless one is asked for.
+        kwargs.setdefault("attn_implementation", getattr(text_config, "_attn_implementation_internal", None))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            kwargs.setdefault(key, getattr(text_config, key, None))
+        super().__init__(**kwargs)
+
+    @property
+    def persona_names(self) -> list[str]:
+        return [p["name"] for p in self.personas]
+
+    @property
+    def persona_token_ids(self) -> list[list[int]]:
+        return [list(p["token_ids"]) for p in self.personas]
+
+
+__all__ = ["PersonaWeaveConfig"]

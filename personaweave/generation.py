@@ -1,0 +1,46 @@
+"""Batched replies for a list of chats: the one place the CLI, demo and benchmarks generate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class Replies:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    **generate_kwargs: Any,
+) -> Replies:
+    """Greedy (unless told otherwise) replies to chat-format conversations, left-padded batches."""
+    tokenizer.padding_side = "left"
+    texts: list[str] = []
+    new_tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(conversations), batch_size):
+        chunk = conversations[i:i + batch_size]
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        kwargs = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
+        gen = out[:, enc["input_ids"].shape[1]:]
+        new_tokens += int((gen != tokenizer.pad_token_id).sum())
+        texts.extend(t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True))
+    return Replies(texts, new_tokens, time.perf_counter() - start)
