@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _load(args: argparse.Namespace):

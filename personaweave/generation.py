@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,8 @@ def generate_replies(
     for i in range(0, len(conversations), batch_size):
         chunk = conversations[i:i + batch_size]
         prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask")}
         kwargs = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
         gen = out[:, enc["input_ids"].shape[1]:]

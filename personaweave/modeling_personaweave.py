@@ -14,8 +14,9 @@ folder loads with `trust_remote_code=True` where personaweave is not installed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -261,7 +262,7 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         of `Persona` or `"default"` for the packaged set.
         """
         try:
-            from personaweave.zoo import load_base, load_default_personas, default_encoder
+            from personaweave.zoo import default_encoder, load_base, load_default_personas
         except ImportError as err:  # remote-code users load saved folders instead
             raise ImportError("from_base needs the personaweave package installed.") from err
         language_model, tokenizer = load_base(base, **load_kwargs)
@@ -347,7 +348,7 @@ class _PersonaEncoder:
 
     main_input_name = "input_ids"
 
-    def __init__(self, model: "PersonaWeaveForConditionalGeneration") -> None:
+    def __init__(self, model: PersonaWeaveForConditionalGeneration) -> None:
         self.model = model
 
     def __call__(self, **kwargs: Any) -> PersonaEncoderOutput:

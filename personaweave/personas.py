@@ -15,8 +15,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -136,7 +137,7 @@ class Persona:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], vector: Optional[torch.Tensor] = None) -> "Persona":
+    def from_dict(cls, data: Mapping[str, Any], vector: Optional[torch.Tensor] = None) -> Persona:
         keys = ("name", "description", "traits", "examples", "blend")
         return cls(**{k: data[k] for k in keys if data.get(k) is not None}, vector=vector)
 
@@ -232,7 +233,7 @@ class PersonaBank:
         _atomic_write(os.path.join(directory, VECTORS_FILE), lambda path: save_file(tensors, path))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "PersonaBank":
+    def load(cls, directory: str | os.PathLike) -> PersonaBank:
         from safetensors.torch import load_file
 
         meta_path = os.path.join(directory, PERSONAS_FILE)
@@ -246,7 +247,7 @@ class PersonaBank:
         return cls(personas, dim=meta.get("dim"))
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "PersonaBank":
+    def from_json(cls, path: str | os.PathLike) -> PersonaBank:
         """Personas without vectors from a JSON list (e.g. the packaged default set)."""
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)

