@@ -106,6 +106,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from .data import load_persona_dialogues
+    from .discovery import cluster_dialogues
+
+    data = load_persona_dialogues(args.split, data_dir=args.dataset_dir)
+    units = data["response"]
+    groups = data["prompt"] if args.center_by_prompt else None
+    found = cluster_dialogues(units, args.k, traits=data["traits"], center_groups=groups, seed=args.seed)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump([{**p.to_dict(), "vector": p.vector.tolist()} for p in found.personas], handle, indent=1)
+    report = {"k": found.k, "silhouette": found.silhouette, "units": len(units)}
+    if "persona" in data.column_names:  # labels are only used to score, never to cluster
+        report["ari"] = adjusted_rand_score(data["persona"], found.labels)
+        report["nmi"] = normalized_mutual_info_score(data["persona"], found.labels)
+    print(json.dumps(report))
+    for persona in found.personas:
+        print(f"{persona.name:<28} {persona.description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="replies of three personas and a blend, side by side")
     add_model_args(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")
+    p.add_argument("dataset_dir", nargs="?", help="folder with train/validation/test.parquet (default: shipped)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=int, help="number of personas (default: chosen by silhouette)")
+    p.add_argument("--center-by-prompt", action="store_true",
+                   help="remove each user turn's mean embedding first (replies share their prompt's topic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="personas.json")
+    p.set_defaults(func=cmd_discover)
     return parser
 
 
