@@ -128,6 +128,17 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_personas, save_json
+
+    results = evaluate_personas(args.model, args.classifier, num_prompts=args.num_prompts, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens)
+    save_json(results, args.out)
+    print(json.dumps({"summary": results["summary"], "blends": results["blends"],
+                      "perplexity": results["perplexity"], "classifier": results["classifier"]}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="replies of three personas and a blend, side by side")
     add_model_args(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="persona accuracy, similarity, diversity and perplexity of a model folder")
+    p.add_argument("--model", help="trained model folder (default: a fresh untrained build)")
+    p.add_argument("--classifier", default="outputs/persona_classifier",
+                   help="persona classifier folder (trained there first if empty)")
+    p.add_argument("--num-prompts", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=56)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/eval.json")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")
     p.add_argument("dataset_dir", nargs="?", help="folder with train/validation/test.parquet (default: shipped)")
     p.add_argument("--split", default="test")
