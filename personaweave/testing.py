@@ -32,9 +32,10 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast
     return tok
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02
+               ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = LlamaConfig(initializer_range=initializer_range,
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=2, eos_token_id=4, tie_word_embeddings=True,
@@ -58,7 +59,8 @@ def tiny_persona_model(num_persona_tokens: int = 2, persona_dim: int = 8, seed: 
     from .zoo import load_default_personas
 
     tok = tiny_tokenizer(extra_words)
-    base = tiny_llama(len(tok), seed)
+    # Wider initial weights than a real LM's 0.02, so that a few smoke-test steps move the loss.
+    base = tiny_llama(len(tok), seed, hidden_size=64, initializer_range=0.2)
     config = PersonaWeaveConfig(text_config=base.config, persona_dim=persona_dim,
                                 num_persona_tokens=num_persona_tokens, persona_hidden_size=16)
     model = PersonaWeaveForCausalLM(config, language_model=base)
