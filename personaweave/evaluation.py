@@ -116,8 +116,13 @@ def example_similarity(encoder: Any, replies: Sequence[str], examples: Sequence[
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16) -> float:
-    """Token-level perplexity of plain text (no persona tokens, no chat template)."""
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
+               vocab_limit: Optional[int] = None) -> float:
+    """Token-level perplexity of plain text (no persona tokens, no chat template).
+
+    `vocab_limit` keeps only the first logits: the bare base's vocabulary, before persona tokens
+    were appended to it.
+    """
     total, count = 0.0, 0
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -127,6 +132,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
                             max_length=128)
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+            logits = logits[..., :vocab_limit] if vocab_limit else logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                                      ignore_index=-100, reduction="sum")
             total += float(loss)
@@ -227,6 +233,9 @@ def evaluate_personas(model_dir: Optional[str], classifier_dir: str, num_prompts
     results: dict[str, Any] = {"classifier": classifier_metrics, "num_prompts": len(prompts), "seed": seed}
 
     def run(generator, conversations):
+        if generator is model:  # LoRA layers live inside the master once loaded: switch them off
+            with master_mode(peft):
+                return replies_for(model, tok, conversations, seed=seed, max_new_tokens=max_new_tokens)
         return replies_for(generator, tok, conversations, seed=seed, max_new_tokens=max_new_tokens)
 
     plain = run(model, [[{"role": "user", "content": q}] for q in prompts])
@@ -269,12 +278,22 @@ def evaluate_personas(model_dir: Optional[str], classifier_dir: str, num_prompts
     return results
 
 
+def master_mode(peft: Any):
+    """A context in which the master runs without any LoRA adapter (no-op without peft)."""
+    import contextlib
+
+    return peft.disable_adapter() if peft is not None else contextlib.nullcontext()
+
+
 def perplexity_report(model, tok, peft, texts: Sequence[str], personas: Sequence[str]) -> dict[str, float]:
     """Perplexity on neutral text without persona tokens: the bare base, the master, each adapter."""
     from .adapters import set_sub_personality, sub_personalities
 
-    # The base is the wrapped LM called directly, bypassing the persona layer entirely.
-    report = {"master": perplexity(model, tok, texts), "base": perplexity(model.language_model, tok, texts)}
+    # The base is the wrapped LM called directly, bypassing the persona layer, on its own vocabulary.
+    base_vocab = int(model.persona_token_table.min()) if model.persona_token_table.numel() else None
+    with master_mode(peft):
+        report = {"master": perplexity(model, tok, texts),
+                  "base": perplexity(model.language_model, tok, texts, vocab_limit=base_vocab)}
     if peft is not None:
         for name in personas:
             if name in sub_personalities(peft):
