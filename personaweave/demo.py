@@ -1,4 +1,9 @@
-"""`personaweave demo`: three personas and a blend answering the same prompts, side by side."""
+"""`personaweave demo`: three personas and a blend answering the same prompts, side by side.
+
+With the trained checkpoint shipped in the package, the columns are: the persona token on the
+trained master, the token plus the persona's LoRA sub-personality, and the prompt-described
+baseline. Without it, the persona layer is untrained and the demo says so.
+"""
 
 from __future__ import annotations
 
@@ -22,54 +27,84 @@ def persona_layer_is_trained(model) -> bool:
     return bool(model.persona_embedding.net[2].weight.detach().abs().max() > 0)
 
 
-def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = None,
-             max_new_tokens: int = 40, width: int = 58) -> None:
+def _load(base: str, model_dir: Optional[str]):
     from transformers import AutoTokenizer
 
-    from . import PersonaWeaveForCausalLM, chat, describe
+    from . import PersonaWeaveForCausalLM
+    from .pretrained import has_shipped_checkpoint, load_pretrained_personas
+
+    if model_dir:
+        from .evaluation import load_for_eval
+
+        return load_for_eval(model_dir)
+    if base == "smollm2-135m-instruct" and has_shipped_checkpoint():
+        return load_pretrained_personas()
+    model, tokenizer = PersonaWeaveForCausalLM.from_base(base, personas="default")
+    return model, tokenizer, None
+
+
+def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = None,
+             max_new_tokens: int = 40, width: int = 38) -> None:
+    from . import chat, describe
+    from .adapters import blend_sub_personalities, set_sub_personality, sub_personalities
+    from .evaluation import master_mode
     from .generation import generate_replies
 
-    torch.manual_seed(0)
     start = time.perf_counter()
-    if model_dir:
-        model = PersonaWeaveForCausalLM.from_pretrained(model_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        model, tokenizer = PersonaWeaveForCausalLM.from_base(base, personas="default")
+    model, tokenizer, peft = _load(base, model_dir)
     name, weights = BLEND
     if name not in model.config.persona_names:
         model.add_persona(name, blend=weights, tokenizer=tokenizer)
-    print(f"loaded {base if not model_dir else model_dir} with personas {model.config.persona_names} "
-          f"in {time.perf_counter() - start:.1f} s")
     trained = persona_layer_is_trained(model)
+    print(f"loaded {model_dir or base} ({'trained' if trained else 'UNTRAINED'} persona layer"
+          f"{', LoRA sub-personalities ' + str(sub_personalities(peft)) if peft is not None else ''}) "
+          f"with personas {model.config.persona_names} in {time.perf_counter() - start:.1f} s")
     if not trained:
         print("\nNOTE: the persona layer of this model is UNTRAINED: every persona token currently maps to the\n"
               "same neutral soft vectors, so the 'token' column shows the base model's own voice. The\n"
               "'prompt' column is the prompt-described baseline (the description as a system prompt).\n")
     bank = model.personas
     shown = SHOWN + [name]
+    columns: dict[str, list[str]] = {}
+    timings = {}
+
+    def generate(label, chats, generator=None):
+        torch.manual_seed(0)
+        replies = generate_replies(generator or model, tokenizer, chats, max_new_tokens=max_new_tokens)
+        columns[label] = replies.texts
+        timings[label] = replies
+
     token_chats = [chat(p, q, model=model) for p in shown for q in PROMPTS]
-    prompt_chats = [describe(bank[p].description, q) for p in shown for q in PROMPTS]
-    by_token = generate_replies(model, tokenizer, token_chats, max_new_tokens=max_new_tokens)
-    by_prompt = generate_replies(model, tokenizer, prompt_chats, max_new_tokens=max_new_tokens)
-    left = "persona token" + (" (untrained)" if not trained else "")
+    token_label = "persona token" + ("" if trained else " (untrained)")
+    with master_mode(peft):
+        generate(token_label, token_chats)
+        generate("prompt baseline", [describe(bank[p].description, q) for p in shown for q in PROMPTS])
+    if peft is not None:
+        texts = []
+        for p in shown:
+            if p == name:
+                adapter = blend_sub_personalities(peft, weights, name=f"lora_{name}")
+            else:
+                set_sub_personality(peft, p)
+            texts += generate_replies(peft, tokenizer, [chat(p, q, model=model) for q in PROMPTS],
+                                      max_new_tokens=max_new_tokens).texts
+        peft.delete_adapter(adapter)
+        columns["token + LoRA"] = texts
+    labels = [label for label in (token_label, "token + LoRA", "prompt baseline") if label in columns]
     for i, persona in enumerate(shown):
-        print("=" * (2 * width + 3))
+        print("=" * ((width + 3) * len(labels)))
         print(f"[{persona}] {bank[persona].description}")
         for j, question in enumerate(PROMPTS):
             k = i * len(PROMPTS) + j
             print(f"\n  user: {question}")
-            _side_by_side(left, by_token.texts[k], "prompt baseline", by_prompt.texts[k], width)
-    print("=" * (2 * width + 3))
-    for label, replies in (("persona token", by_token), ("prompt baseline", by_prompt)):
-        print(f"{label:>16}: {len(token_chats)} replies, {replies.new_tokens} new tokens in "
-              f"{replies.seconds:.1f} s ({replies.tokens_per_second:.1f} tokens/s, greedy, batched)")
+            _side_by_side([(label, columns[label][k]) for label in labels], width)
+    print("=" * ((width + 3) * len(labels)))
+    for label, replies in timings.items():
+        print(f"{label:>22}: {len(token_chats)} replies, {replies.new_tokens} new tokens in {replies.seconds:.1f} s "
+              f"({replies.tokens_per_second:.1f} tokens/s, greedy, batched)")
 
 
-def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int) -> None:
-    a = [left_title + ":"] + textwrap.wrap(left or "(empty)", width)
-    b = [right_title + ":"] + textwrap.wrap(right or "(empty)", width)
-    for i in range(max(len(a), len(b))):
-        x = a[i] if i < len(a) else ""
-        y = b[i] if i < len(b) else ""
-        print(f"  {x:<{width}} | {y}")
+def _side_by_side(cells: list[tuple[str, str]], width: int) -> None:
+    wrapped = [[title + ":"] + textwrap.wrap(text or "(empty)", width) for title, text in cells]
+    for i in range(max(len(w) for w in wrapped)):
+        print("  " + " | ".join(f"{(w[i] if i < len(w) else ''):<{width}}" for w in wrapped).rstrip())
