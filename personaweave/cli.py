@@ -120,8 +120,13 @@ def cmd_discover(args: argparse.Namespace) -> int:
         json.dump([{**p.to_dict(), "vector": p.vector.tolist()} for p in found.personas], handle, indent=1)
     report = {"k": found.k, "silhouette": found.silhouette, "units": len(units)}
     if "persona" in data.column_names:  # labels are only used to score, never to cluster
-        report["ari"] = adjusted_rand_score(data["persona"], found.labels)
-        report["nmi"] = normalized_mutual_info_score(data["persona"], found.labels)
+        import random
+
+        truth = list(data["persona"])
+        report["ari"] = adjusted_rand_score(truth, found.labels)
+        report["nmi"] = normalized_mutual_info_score(truth, found.labels)
+        random.Random(args.seed).shuffle(truth)  # control: the same score against shuffled labels
+        report["ari_shuffled_labels"] = adjusted_rand_score(truth, found.labels)
     print(json.dumps(report))
     for persona in found.personas:
         print(f"{persona.name:<28} {persona.description}")
