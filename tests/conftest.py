@@ -10,44 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import T5Config, T5ForConditionalGeneration
 
 import personaweave  # noqa: F401  (registers the Auto classes)
 from personaweave import Persona, PersonaWeaveConfig, PersonaWeaveForCausalLM, PersonaWeaveForConditionalGeneration
+from personaweave.testing import tiny_llama
+from personaweave.testing import tiny_tokenizer as make_tokenizer
 
-WORDS = ("hello hi what should i read today the a book robot pirate sea ship ahoy "
-         "beep logic human coffee tea please thank you yes no why how is are good bad ? ! . ,").split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
 PERSONA_DIM = 8
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS + ["system", "user", "assistant"])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tok.model_input_names = ["input_ids", "attention_mask"]
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
-
-
-def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=4, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def random_vector(seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from personaweave import PersonaWeaveConfig, PersonaWeaveForCausalLM, chat, pers
 
 
 def encode(tok, persona, text="hello what should i read ?", model=None):
-    msgs = chat(persona, text, model=model)
+    msgs = chat(persona, text, model=model, num_persona_tokens=2)  # the tiny test models use 2 tokens
     return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
 
 
