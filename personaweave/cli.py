@@ -144,6 +144,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
+    print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/eval.json")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a model folder (ONNX with Optimum, optional int8)")
+    p.add_argument("format", choices=["onnx"])
+    p.add_argument("model", help="a saved PersonaWeave model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="text-generation-with-past")
+    p.add_argument("--quantize", choices=["int8"])
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")
     p.add_argument("dataset_dir", nargs="?", help="folder with train/validation/test.parquet (default: shipped)")

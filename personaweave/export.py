@@ -1,0 +1,130 @@
+"""ONNX export with Optimum, and dynamic int8 quantization with onnxruntime.
+
+Optimum knows no `personaweave` model type, so we pass it an `OnnxConfig` (Llama-style decoder
+inputs and past key values, dimensions read from the nested `text_config`). The persona vectors
+and layer are baked into the graph as weights: its inputs are the ordinary LM inputs, and the
+reserved persona tokens select personas exactly as in PyTorch.
+
+The exported folder's `config.json` is the wrapped LM's own config (e.g. `llama`) with the
+persona bank under a `personaweave` key, so `ORTModelForCausalLM.from_pretrained(folder)` loads
+it without personaweave installed. Optimum infers the exporting library from the model class's
+module, so the model is loaded through its saved remote code (`transformers_modules...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from typing import Any, Optional
+
+SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model_quantized.onnx"
+
+
+def _onnx_config_class():
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils.normalized_config import NormalizedTextConfigWithGQA
+
+    class PersonaWeaveNormalizedConfig(NormalizedTextConfigWithGQA):
+        """Reads layer counts, heads and vocabulary from the nested text_config."""
+
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(getattr(config, "text_config", config), **kwargs)
+
+    class PersonaWeaveOnnxConfig(LlamaOnnxConfig):
+        NORMALIZED_CONFIG_CLASS = PersonaWeaveNormalizedConfig
+
+    return PersonaWeaveOnnxConfig
+
+
+def check_model_folder(model_dir: str) -> dict[str, Any]:
+    """The folder's config, or a clear ValueError when it is not an exportable PersonaWeave model."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json).")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("model_type") != "personaweave":
+        raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model, not a PersonaWeave model.")
+    if not config.get("personas"):
+        raise ValueError(f"{model_dir} has no persona bank: add personas before exporting.")
+    if config.get("is_encoder_decoder"):
+        raise ValueError("ONNX export supports PersonaWeaveForCausalLM only (not the encoder-decoder variant).")
+    return config
+
+
+def cpu_quantization_config(per_channel: bool = True):
+    """Dynamic int8 config for this CPU: arm64, avx512_vnni, avx512 or avx2."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if platform.machine().lower() in {"aarch64", "arm64"}:
+        return AutoQuantizationConfig.arm64(is_static=False, per_channel=per_channel)
+    flags = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    if "avx512_vnni" in flags:
+        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel)
+    if "avx512f" in flags:
+        return AutoQuantizationConfig.avx512(is_static=False, per_channel=per_channel)
+    return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel)
+
+
+def export_onnx(model_dir: str, output_dir: str, task: str = "text-generation-with-past",
+                quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None) -> str:
+    """Export a saved PersonaWeave folder to ONNX (and int8 beside it); returns `output_dir`.
+
+    The export is written to a temp folder and moved into place only when complete.
+    """
+    from optimum.exporters.onnx import main_export
+
+    if task not in SUPPORTED_TASKS:
+        raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS)}.")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"Unsupported quantization {quantize!r}; supported: 'int8'.")
+    config = check_model_folder(model_dir)
+    from transformers import AutoConfig
+
+    onnx_config = _onnx_config_class()(
+        AutoConfig.from_pretrained(model_dir, trust_remote_code=True), task="text-generation",
+        use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
+    try:
+        main_export(model_dir, tmp, task=task, library_name="transformers", trust_remote_code=True,
+                    custom_onnx_configs={"model": onnx_config}, opset=opset)
+        _write_plain_config(tmp, config)
+        if quantize == "int8":
+            quantize_int8(tmp, per_channel=per_channel)
+        from .saving import _swap_in
+
+        _swap_in(tmp, os.path.abspath(output_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _write_plain_config(folder: str, config: dict[str, Any]) -> None:
+    """config.json = the wrapped LM's config (what ORTModelForCausalLM understands) + the bank."""
+    text = dict(config["text_config"])
+    text["architectures"] = [a.replace("PersonaWeave", "") for a in text.get("architectures") or []] or None
+    text["personaweave"] = {k: config[k] for k in ("persona_dim", "num_persona_tokens", "personas")}
+    for stale in ("configuration_personaweave.py", "modeling_personaweave.py", "personas.py"):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(text, handle, indent=2)
+
+
+def quantize_int8(onnx_dir: str, per_channel: bool = True) -> str:
+    """Dynamic int8 with Optimum's ORTQuantizer, saved beside the fp32 graph as model_quantized.onnx."""
+    from optimum.onnxruntime import ORTQuantizer
+
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=ONNX_FILE)
+    quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel))
+    return os.path.join(onnx_dir, INT8_FILE)

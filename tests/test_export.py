@@ -1,0 +1,88 @@
+"""ONNX export of a tiny PersonaWeave model: parity with PyTorch, int8, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_modeling import encode
+
+pytest.importorskip("optimum.onnxruntime")
+from optimum.onnxruntime import ORTModelForCausalLM  # noqa: E402
+
+from personaweave import chat  # noqa: E402
+from personaweave.cli import main  # noqa: E402
+from personaweave.export import export_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_persona_model
+
+    model, tok = make_persona_model()
+    root = tmp_path_factory.mktemp("export")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    export_onnx(str(root / "model"), str(root / "onnx"), quantize="int8")
+    return model, tok, root
+
+
+def test_fp32_onnx_matches_pytorch(exported):
+    model, tok, root = exported
+    ort = ORTModelForCausalLM.from_pretrained(root / "onnx")
+    for persona in ("robot", "pirate"):
+        ids = encode(tok, persona, model=model)
+        mask = torch.ones_like(ids)
+        diff = (ort(input_ids=ids, attention_mask=mask).logits - model(ids).logits).abs().max()
+        assert diff < 1e-3
+        torch.testing.assert_close(
+            ort.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False),
+            model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+
+
+def test_int8_graph_sits_beside_and_loads(exported):
+    model, tok, root = exported
+    assert (root / "onnx" / "model_quantized.onnx").is_file()
+    ort = ORTModelForCausalLM.from_pretrained(root / "onnx", file_name="model_quantized.onnx")
+    ids = encode(tok, "robot", model=model)
+    logits = ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.isfinite(logits[..., : int(model.persona_token_table.min())]).all()
+    config = json.loads((root / "onnx" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert [p["name"] for p in config["personaweave"]["personas"]] == ["robot", "pirate"]
+
+
+def test_batched_prompts_with_padding_match(exported):
+    model, tok, root = exported
+    ort = ORTModelForCausalLM.from_pretrained(root / "onnx")
+    batch = tok.apply_chat_template([chat("robot", "hi", num_persona_tokens=2),
+                                     chat("pirate", "what is the sea ?", num_persona_tokens=2)],
+                                    add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
+    torch.testing.assert_close(ort.generate(**batch, max_new_tokens=6, do_sample=False),
+                               model.generate(**batch, max_new_tokens=6, do_sample=False))
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, exported):
+    model, tok, root = exported
+    (tmp_path / "llama").mkdir()
+    model.language_model.config.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="not a PersonaWeave model"):
+        export_onnx(str(tmp_path / "llama"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no config.json"):
+        export_onnx(str(tmp_path / "missing"), str(tmp_path / "out"))
+    empty = json.loads((root / "model" / "config.json").read_text())
+    empty["personas"] = []
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(empty))
+    with pytest.raises(ValueError, match="no persona bank"):
+        export_onnx(str(tmp_path / "empty"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="Unsupported task"):
+        export_onnx(str(root / "model"), str(tmp_path / "out"), task="feature-extraction")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".onnx-export-*"))
+    assert main(["export", "onnx", str(tmp_path / "llama"), "--out", str(tmp_path / "out")]) == 2
