@@ -130,7 +130,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         reference = results["torch_fp32_personaweave"]
-        for variant, record in results.items():
+        for record in results.values():
             for batch in (1, 8):
                 record[f"speedup_vs_torch_b{batch}"] = round(
                     reference[f"ms_per_token_b{batch}"] / record[f"ms_per_token_b{batch}"], 2)

@@ -9,7 +9,8 @@ disk they live in `<model folder>/adapters/<persona>/` (peft's own format), next
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 from .personas import check_name, normalise_blend
 

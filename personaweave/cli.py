@@ -152,6 +152,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .hub import prepare_upload, push_to_hub
+
+    results = None
+    if args.eval:
+        with open(args.eval, encoding="utf-8") as handle:
+            results = json.load(handle)
+    folder = args.dry_run or tempfile.mkdtemp(prefix="personaweave-push-")
+    prepare_upload(args.model, folder, args.repo_id, onnx_dir=args.onnx, results=results)
+    if args.dry_run:
+        print(f"dry run: the upload folder is {folder}: {sorted(os.listdir(folder))}")
+        return 0
+    try:
+        print(push_to_hub(folder, args.repo_id, private=args.private))
+    except Exception as err:  # offline, no token, no permission: say so plainly
+        print(f"error: could not push to {args.repo_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="text-generation-with-past")
     p.add_argument("--quantize", choices=["int8"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a model folder (+ adapters, ONNX, card) to the Hub")
+    p.add_argument("--model", required=True, help="a saved PersonaWeave model folder")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--onnx", help="an exported ONNX folder to upload as onnx/")
+    p.add_argument("--eval", help="evaluation JSON (from `personaweave eval`) for the card's model-index")
+    p.add_argument("--dry-run", metavar="DIR", help="write the exact upload folder to DIR and stop")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")
     p.add_argument("dataset_dir", nargs="?", help="folder with train/validation/test.parquet (default: shipped)")

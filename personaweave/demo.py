@@ -28,7 +28,6 @@ def persona_layer_is_trained(model) -> bool:
 
 
 def _load(base: str, model_dir: Optional[str]):
-    from transformers import AutoTokenizer
 
     from . import PersonaWeaveForCausalLM
     from .pretrained import has_shipped_checkpoint, load_pretrained_personas

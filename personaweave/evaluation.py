@@ -35,7 +35,7 @@ class PersonaClassifier:
         return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "PersonaClassifier":
+    def from_pretrained(cls, path: str) -> PersonaClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         return cls(AutoModelForSequenceClassification.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))

@@ -15,8 +15,6 @@ import tempfile
 from importlib import resources
 from typing import Any, Optional
 
-import torch
-
 LAYER_FILE = "persona_layer.safetensors"
 CONFIG_FILE = "persona_config.json"
 

@@ -11,8 +11,9 @@ import csv
 import hashlib
 import os
 import random
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from ..personas import TRAITS
 
