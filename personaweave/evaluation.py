@@ -301,3 +301,30 @@ def perplexity_report(model, tok, peft, texts: Sequence[str], personas: Sequence
                 report[f"lora_{name}"] = perplexity(peft, tok, texts)
     return report
 
+
+
+def evaluate_onnx(onnx_dir: str, classifier_dir: str, file_name: str = "model.onnx", num_prompts: int = 30,
+                  seed: int = 0, max_new_tokens: int = 56) -> dict[str, Any]:
+    """Persona accuracy of an exported graph (fp32 or int8), on the same prompts and seeds as
+    `evaluate_personas`, so the two can be compared."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from . import chat
+    from .data import load_persona_dialogues
+
+    data = load_persona_dialogues()
+    classifier = PersonaClassifier.from_pretrained(classifier_dir)
+    with open(os.path.join(onnx_dir, "config.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)["personaweave"]
+    model = ORTModelForCausalLM.from_pretrained(onnx_dir, file_name=file_name)
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    names = [p["name"] for p in meta["personas"] if p["name"] in classifier.labels]
+    prompts = sorted(set(data["test"]["prompt"]))[:num_prompts]
+    per_persona = {}
+    for name in names:
+        replies = replies_for(model, tok, [chat(name, q, num_persona_tokens=meta["num_persona_tokens"])
+                                           for q in prompts], seed=seed, max_new_tokens=max_new_tokens)
+        per_persona[name] = classifier_accuracy(classifier, replies, [name] * len(replies))
+    return {"file": file_name, "persona_accuracy": float(np.mean(list(per_persona.values()))),
+            "per_persona": per_persona}

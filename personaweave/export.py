@@ -21,6 +21,8 @@ import tempfile
 from typing import Any, Optional
 
 SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
+# The persona classifier and the trait model are ordinary encoders: Optimum exports them as they are.
+ENCODER_TASKS = ("text-classification", "feature-extraction")
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_quantized.onnx"
 
@@ -82,23 +84,29 @@ def export_onnx(model_dir: str, output_dir: str, task: str = "text-generation-wi
     """
     from optimum.exporters.onnx import main_export
 
-    if task not in SUPPORTED_TASKS:
-        raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS)}.")
+    if task not in SUPPORTED_TASKS + ENCODER_TASKS:
+        raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS + ENCODER_TASKS)}.")
     if quantize not in (None, "int8"):
         raise ValueError(f"Unsupported quantization {quantize!r}; supported: 'int8'.")
-    config = check_model_folder(model_dir)
-    from transformers import AutoConfig
-
-    onnx_config = _onnx_config_class()(
-        AutoConfig.from_pretrained(model_dir, trust_remote_code=True), task="text-generation",
-        use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
+    encoder = task in ENCODER_TASKS
+    if encoder and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json).")
+    config = None if encoder else check_model_folder(model_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
     try:
-        main_export(model_dir, tmp, task=task, library_name="transformers", trust_remote_code=True,
-                    custom_onnx_configs={"model": onnx_config}, opset=opset)
-        _write_plain_config(tmp, config)
+        if encoder:
+            main_export(model_dir, tmp, task=task, opset=opset)
+        else:
+            from transformers import AutoConfig
+
+            onnx_config = _onnx_config_class()(
+                AutoConfig.from_pretrained(model_dir, trust_remote_code=True), task="text-generation",
+                use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
+            main_export(model_dir, tmp, task=task, library_name="transformers", trust_remote_code=True,
+                        custom_onnx_configs={"model": onnx_config}, opset=opset)
+            _write_plain_config(tmp, config)
         if quantize == "int8":
             quantize_int8(tmp, per_channel=per_channel)
         from .saving import _swap_in

@@ -82,7 +82,26 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, exported):
     with pytest.raises(ValueError, match="no persona bank"):
         export_onnx(str(tmp_path / "empty"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="Unsupported task"):
-        export_onnx(str(root / "model"), str(tmp_path / "out"), task="feature-extraction")
+        export_onnx(str(root / "model"), str(tmp_path / "out"), task="image-classification")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".onnx-export-*"))
     assert main(["export", "onnx", str(tmp_path / "llama"), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_classifier_export(tmp_path):
+    """The persona classifier (a BERT-style sequence classifier) exports through the stock path."""
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from personaweave.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    export_onnx(str(tmp_path / "clf"), str(tmp_path / "clf_onnx"), task="text-classification", quantize="int8")
+    ort = ORTModelForSequenceClassification.from_pretrained(tmp_path / "clf_onnx")
+    enc = tok(["hello what should i read ?"], return_tensors="pt")
+    torch.testing.assert_close(ort(**enc).logits, clf(**enc).logits, rtol=1e-4, atol=1e-4)
