@@ -3,7 +3,7 @@
 Importing the package registers the PersonaWeave classes with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .chat import chat, describe
 from .configuration_personaweave import PersonaWeaveConfig
@@ -14,6 +14,7 @@ from .modeling_personaweave import (
     PersonaWeavePreTrainedModel,
 )
 from .personas import TRAITS, Persona, PersonaBank, persona_prompt, persona_token
+from .traits import PersonaTraitConfig, PersonaTraitModel
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 AutoConfig.register(PersonaWeaveConfig.model_type, PersonaWeaveConfig, exist_ok=True)
 AutoModelForCausalLM.register(PersonaWeaveConfig, PersonaWeaveForCausalLM, exist_ok=True)
 AutoModelForSeq2SeqLM.register(PersonaWeaveConfig, PersonaWeaveForConditionalGeneration, exist_ok=True)
+AutoConfig.register(PersonaTraitConfig.model_type, PersonaTraitConfig, exist_ok=True)
+AutoModel.register(PersonaTraitConfig, PersonaTraitModel, exist_ok=True)
 PersonaWeaveConfig.register_for_auto_class()
 PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
@@ -50,6 +53,8 @@ __all__ = [
     "PersonaWeaveForCausalLM",
     "PersonaWeaveForConditionalGeneration",
     "PersonaWeavePreTrainedModel",
+    "PersonaTraitConfig",
+    "PersonaTraitModel",
     "add_persona_tokens",
     "chat",
     "describe",
