@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trl import TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -29,6 +30,13 @@ def test_sft_configs_parse(config):
     script_args, training_args = sft.make_parser().parse_args_and_config(["--config", str(config)])
     assert script_args.stage in {"persona", "sub_personality"}
     assert training_args.output_dir
+
+
+def test_traits_config_parses():
+    traits = load_recipe("traits")
+    args, training_args = TrlParser((traits.TraitArguments, traits.TrainingArguments)).parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "traits.yaml")])
+    assert args.max_rows_per_persona == 200 and training_args.num_train_epochs == 2
 
 
 @pytest.mark.parametrize("config", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
