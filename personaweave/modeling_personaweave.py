@@ -75,6 +75,8 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
     config_class = PersonaWeaveConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
+    # Empty here; device_map="auto" collects the wrapped model's own (e.g. LlamaDecoderLayer).
+    _no_split_modules: list[str] = []
     _skip_keys_device_placement = "past_key_values"
     _supports_flash_attn = True
     _supports_sdpa = True
