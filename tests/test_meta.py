@@ -53,3 +53,65 @@ def test_bad_episode_requests():
         sample_episode(planted(per=4), 2, 5, 1, random.Random(0))  # k larger than available examples
     with pytest.raises(ValueError, match="at least 1"):
         sample_episode(planted(), 2, 0, 1, random.Random(0))
+
+
+def test_functional_inner_step_equals_a_manual_sgd_step():
+    import torch
+
+    from personaweave.meta import TraitHead, inner_adapt
+
+    torch.manual_seed(0)
+    head = TraitHead(6, 3)
+    x, y = torch.randn(4, 6), torch.rand(4, 3)
+    adapted = inner_adapt(head, dict(head.named_parameters()), x, y, steps=1, lr=0.1)
+    loss = torch.nn.functional.mse_loss(head(x), y)
+    loss.backward()
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(adapted[name], p.detach() - 0.1 * p.grad)
+
+
+def toy_tasks(num=8, per=30, dim=12, seed=0):
+    """Personas whose traits are a linear function of a persona direction, plus reply noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, 4, generator=g)
+    tasks = []
+    from personaweave.meta import TraitTask
+
+    for _ in range(num):
+        center = torch.randn(dim, generator=g)
+        traits = torch.sigmoid(center @ mixing).repeat(1, 3)[0, :4]
+        tasks.append(TraitTask(center + 0.5 * torch.randn(per, dim, generator=g), traits))
+    return tasks
+
+
+def test_adaptation_lowers_query_error_and_bad_support_fails():
+    from personaweave.meta import TraitTask, adapt, few_shot_mse, pretrain_head
+
+    tasks = toy_tasks()
+    head = pretrain_head(tasks[:6], steps=200)
+    rng = random.Random(0)
+    before = np.mean([few_shot_mse(head, t, 5, 0, 0.5, random.Random(1)) for t in tasks[6:]])
+    after = np.mean([few_shot_mse(head, t, 5, 10, 0.5, random.Random(1)) for t in tasks[6:]])
+    assert after < before
+    with pytest.raises(ValueError, match="support"):
+        tasks[6].split(30, rng)
+    with pytest.raises(ValueError, match="empty support"):
+        import torch
+
+        adapt(head, torch.zeros(0, 12), torch.zeros(0, 4))
+    assert isinstance(tasks[0], TraitTask)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_maml_loop_runs_and_changes_the_head(first_order):
+    import torch
+
+    from personaweave.meta import maml_train, pretrain_head
+
+    tasks = toy_tasks()
+    head = pretrain_head(tasks[:6], steps=50)
+    before = [p.detach().clone() for p in head.parameters()]
+    trained = maml_train(head, tasks[:6], k=3, inner_steps=2, meta_steps=5, tasks_per_step=2, first_order=first_order)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))

@@ -39,6 +39,12 @@ def test_traits_config_parses():
     assert args.max_rows_per_persona == 200 and training_args.num_train_epochs == 2
 
 
+def test_maml_config_parses():
+    maml = load_recipe("maml")
+    (args,) = TrlParser((maml.MamlArguments,)).parse_args_and_config(["--config", str(RECIPES / "configs" / "maml.yaml")])
+    assert args.ks == [1, 5, 10] and len(args.seeds) == 5
+
+
 @pytest.mark.parametrize("config", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_are_valid_yaml(config):
     data = yaml.safe_load(config.read_text())
