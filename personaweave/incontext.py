@@ -98,3 +98,64 @@ def trait_prompt(examples: Sequence[tuple[str, Mapping[str, float]]], context: s
                                       f"object whose keys are {', '.join(TRAITS)} and whose values are in [0, 1]."},
         {"role": "user", "content": f"{shots}\n\nText: {context}\nTraits:"},
     ]
+
+
+class InContextTraitEstimator:
+    """Traits for a user context from an instruct LM shown the most similar labelled examples.
+
+    `generate(messages) -> str` is the LM: `local_generator(model, tokenizer)` for the shipped
+    SmolLM2 (or any HF chat model), or `openai_generator(url)` for any OpenAI-compatible endpoint.
+    """
+
+    def __init__(self, texts: Sequence[str], traits: Sequence[Mapping[str, float]], generate, encoder: Any = None,
+                 shots: int = 3) -> None:
+        if len(texts) != len(traits) or not len(texts):
+            raise ValueError("The example bank needs as many trait labels as texts, and at least one.")
+        from .discovery import embed_units
+
+        self.texts, self.traits, self.generate, self.shots = list(texts), list(traits), generate, shots
+        self.encoder = encoder
+        self.vectors = embed_units(self.texts, encoder)
+
+    def examples_for(self, context: str) -> list[tuple[str, Mapping[str, float]]]:
+        from .discovery import embed_units
+
+        query = embed_units([context], self.encoder)[0]
+        best = np.argsort(-(self.vectors @ query))[: self.shots]
+        return [(self.texts[i], self.traits[i]) for i in best]
+
+    def estimate(self, context: str, recent_turns: Sequence[str] = ()) -> dict[str, float]:
+        text = " ".join([*recent_turns, context]).strip()
+        if not text:
+            raise ValueError("Cannot estimate traits from an empty context.")
+        return parse_traits(self.generate(trait_prompt(self.examples_for(text), text)))
+
+
+def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 120):
+    """`generate(messages) -> str` with a local HF chat model (greedy)."""
+    import torch
+
+    def generate(messages: list[dict[str, str]]) -> str:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+def openai_generator(base_url: str, model: str = "default", api_key: str = "none", timeout: float = 30.0):
+    """`generate(messages) -> str` through any OpenAI-compatible /v1/chat/completions endpoint."""
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/chat/completions"
+
+    def generate(messages: list[dict[str, str]]) -> str:
+        body = json.dumps({"model": model, "messages": messages, "temperature": 0}).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {api_key}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (user-given URL)
+            return json.load(response)["choices"][0]["message"]["content"]
+
+    return generate

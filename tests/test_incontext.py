@@ -37,3 +37,30 @@ def test_traits_to_blend_bad_input():
         traits_to_blend({}, personas)
     with pytest.raises(ValueError, match="No persona"):
         traits_to_blend({"humor": 1.0}, [])
+
+
+class StubLM:
+    """Records the prompt and answers with fixed text (the LM is not what is under test here)."""
+
+    def __init__(self, answer):
+        self.answer, self.seen = answer, None
+
+    def __call__(self, messages):
+        self.seen = messages
+        return self.answer
+
+
+def test_in_context_estimator_retrieves_similar_examples_and_parses(hash_encoder):
+    from personaweave.incontext import InContextTraitEstimator
+
+    lm = StubLM('Here you go: {"humor": 0.8, "formality": 0.1}')
+    bank = InContextTraitEstimator(["ahoy matey", "beep logic", "tea please sir"],
+                                   [{"humor": 0.9}, {"humor": 0.2}, {"formality": 1.0}], lm, encoder=hash_encoder,
+                                   shots=2)
+    traits = bank.estimate("ahoy matey", recent_turns=[])
+    assert traits["humor"] == 0.8 and traits["formality"] == 0.1 and traits["empathy"] == 0.5
+    assert "Text: ahoy matey" in lm.seen[1]["content"]  # the identical example is retrieved first
+    with pytest.raises(ValueError, match="empty context"):
+        bank.estimate("  ")
+    with pytest.raises(ValueError, match="as many"):
+        InContextTraitEstimator(["a"], [], lm, encoder=hash_encoder)
