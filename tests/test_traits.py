@@ -56,3 +56,24 @@ def test_trait_metrics():
     assert result["within_tolerance"] == pytest.approx(20 / 25)
     assert "pearson_humor" in result and "pearson_extraversion" not in result
     assert math.isfinite(result["pearson_humor"])
+
+
+def test_student_copies_alternate_layers_and_int8_stays_close(tiny_traits):
+    from transformers import BertConfig
+
+    from personaweave.distill import make_student, quantize_int8
+
+    tok = tiny_traits[1]
+    config = PersonaTraitConfig(encoder_config=BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                                                          num_attention_heads=4, intermediate_size=64))
+    teacher = PersonaTraitModel(config).eval()
+    student = make_student(teacher, num_layers=2).eval()
+    assert student.config.encoder_config.num_hidden_layers == 2
+    torch.testing.assert_close(student.encoder.encoder.layer[1].output.dense.weight,
+                               teacher.encoder.encoder.layer[3].output.dense.weight)
+    torch.testing.assert_close(student.trait_head.weight, teacher.trait_head.weight)
+    enc = tok(["hello what", "why is the sea good ?"], return_tensors="pt", padding=True)
+    q = quantize_int8(student)
+    assert (q(**enc).traits - student(**enc).traits).abs().max() < 0.05
+    with pytest.raises(ValueError, match="num_layers"):
+        make_student(teacher, num_layers=9)

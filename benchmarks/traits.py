@@ -1,0 +1,93 @@
+"""Trait model deployment figures: teacher vs distilled student vs int8 student, in one run.
+
+Size on disk, peak resident memory (each variant in its own process), latency per prediction at
+batch 1 and 32, and quality (share of traits within 0.1, MAE) on the test split.
+
+    python benchmarks/traits.py --teacher outputs/traits/final --student outputs/traits_student/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def folder_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
+
+
+def measure(variant: str, path: str) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from personaweave import PersonaTraitModel
+    from personaweave.data import load_persona_dialogues
+    from personaweave.distill import quantize_int8
+    from personaweave.metrics import load_trait_metrics
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = PersonaTraitModel.from_pretrained(path).eval()
+    size = folder_mb(path)
+    if variant.endswith("int8"):
+        model = quantize_int8(model)
+        with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
+            torch.save(model.state_dict(), handle.name)  # our own file, only to measure the size
+            size = os.path.getsize(handle.name) / 2**20
+    tok = AutoTokenizer.from_pretrained(path)
+    test = load_persona_dialogues("test")
+    texts, refs = list(test["response"]), list(test["traits"])
+
+    def run(batch):
+        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).traits
+
+    preds = torch.cat([run(texts[i:i + 64]) for i in range(0, len(texts), 64)]).tolist()
+    quality = load_trait_metrics().compute(predictions=preds, references=refs)
+    out = {"name": "trait_model", "variant": variant, "size_mb": round(size, 1),
+           "within_0.1": round(quality["within_tolerance"], 4), "mae": round(quality["mae"], 4)}
+    for batch in (1, 32):
+        chunk = texts[:batch]
+        run(chunk)
+        times = []
+        for _ in range(10 if batch == 1 else 5):
+            start = time.perf_counter()
+            run(chunk)
+            times.append(time.perf_counter() - start)
+        out[f"ms_per_prediction_b{batch}"] = round(1000 * statistics.median(times) / batch, 2)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", default="outputs/traits/final")
+    parser.add_argument("--student", default="outputs/traits_student/final")
+    parser.add_argument("--variant")
+    parser.add_argument("--path")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.path)))
+        return
+    results = {}
+    for variant, path in (("teacher", args.teacher), ("student", args.student), ("student_int8", args.student)):
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--path", path],
+                             capture_output=True, text=True, check=True)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    for record in results.values():
+        record["speedup_b1_vs_teacher"] = round(results["teacher"]["ms_per_prediction_b1"]
+                                                / record["ms_per_prediction_b1"], 2)
+        print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
