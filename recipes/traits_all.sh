@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Traits and few-shot adaptation, end to end on CPU (~10 minutes on 2 cores):
+# trait model, distilled student + benchmark, MAML vs fine-tuning, prototypical networks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python recipes/traits.py --config recipes/configs/traits.yaml
+python recipes/distill_traits.py --teacher outputs/traits/final --output_dir outputs/traits_student \
+    --num_train_epochs 2 --per_device_train_batch_size 32 --learning_rate 1e-4 --report_to none \
+    --save_strategy no --logging_steps 20 --use_cpu true
+python benchmarks/traits.py | tee outputs/traits_benchmark.jsonl
+accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/maml.py --config recipes/configs/maml.yaml
+python recipes/protonet.py --out outputs/protonet.json
