@@ -134,8 +134,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_personas, save_json
+    from .evaluation import evaluate_onnx, evaluate_personas, save_json
 
+    if args.onnx:
+        results = {f: evaluate_onnx(args.onnx, args.classifier, file_name=f, num_prompts=args.num_prompts,
+                                    seed=args.seed, max_new_tokens=args.max_new_tokens) for f in args.onnx_files}
+        save_json(results, args.out)
+        print(json.dumps({f: r["persona_accuracy"] for f, r in results.items()}))
+        return 0
     results = evaluate_personas(args.model, args.classifier, num_prompts=args.num_prompts, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
     save_json(results, args.out)
@@ -210,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/eval.json")
+    p.add_argument("--onnx", help="evaluate an exported ONNX folder instead (persona accuracy)")
+    p.add_argument("--onnx-files", nargs="+", default=["model.onnx", "model_quantized.onnx"])
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a model folder (ONNX with Optimum, optional int8)")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Export the trained master to ONNX fp32 + int8, compare persona accuracy, benchmark vs the stock export.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+MODEL=${1:-outputs/sft_persona/final}
+personaweave export onnx "$MODEL" --out outputs/onnx --quantize int8
+personaweave eval --onnx outputs/onnx --num-prompts 25 --out outputs/eval_onnx.json
+python benchmarks/onnx.py | tee outputs/onnx_benchmark.jsonl
