@@ -1,0 +1,1 @@
+"""Conversation-level adaptation: engagement signals, A/B testing of persona variants."""

@@ -1,0 +1,178 @@
+"""A/B testing of persona variants: assignment, outcomes, frequentist and Bayesian analysis.
+
+- Deterministic assignment: a hash of (experiment, salt, user id) picks the variant by weight,
+  so a user sees the same variant on every call and on every server.
+- Frequentist: two-proportion z-test (binary outcomes) or Welch's t-test (continuous ones).
+  Looking at the results repeatedly inflates false positives; `group_sequential_boundaries`
+  gives Pocock or O'Brien-Fleming boundaries for K planned looks (computed by simulating the
+  Brownian motion of the z statistic under H0, seeded) that keep the overall error at alpha.
+- Bayesian: Beta-Binomial posterior probability that B beats A.
+- Thompson sampling: draw from each arm's posterior, play the best draw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+from scipy import stats
+
+
+def _check_weights(variants: Mapping[str, float]) -> dict[str, float]:
+    if not variants:
+        raise ValueError("An experiment needs at least one variant.")
+    for name, weight in variants.items():
+        if not isinstance(weight, (int, float)) or math.isnan(weight) or weight < 0:
+            raise ValueError(f"Variant weight for {name!r} must be a number >= 0, got {weight!r}.")
+    total = float(sum(variants.values()))
+    if total <= 0:
+        raise ValueError("Variant weights must sum to a positive number.")
+    return {name: float(w) / total for name, w in variants.items()}
+
+
+def assign(user_id: str, experiment: str, variants: Mapping[str, float], salt: str = "") -> str:
+    """The variant of `user_id` in `experiment`: stable, and distributed as the weights say."""
+    weights = _check_weights(variants)
+    digest = hashlib.sha256(f"{experiment}\x1f{salt}\x1f{user_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for name, w in weights.items():
+        cumulative += w
+        if u < cumulative:
+            return name
+    return name  # float rounding at the very top
+
+
+def two_proportion_z(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """(z, two-sided p) for H0: the two success rates are equal (pooled variance)."""
+    if n_a <= 0 or n_b <= 0:
+        return 0.0, 1.0
+    pooled = (successes_a + successes_b) / (n_a + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if se == 0:
+        return 0.0, 1.0
+    z = (successes_b / n_b - successes_a / n_a) / se
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(t, two-sided p) of Welch's unequal-variance t-test."""
+    result = stats.ttest_ind(b, a, equal_var=False)
+    return float(result.statistic), float(result.pvalue)
+
+
+@lru_cache(maxsize=64)
+def group_sequential_boundaries(looks: int, alpha: float = 0.05, kind: str = "obrien_fleming",
+                                simulations: int = 200_000, seed: int = 0) -> tuple[float, ...]:
+    """Two-sided |z| boundaries for `looks` equally spaced analyses with overall type I error alpha.
+
+    Pocock: one constant boundary. O'Brien-Fleming: c * sqrt(K / k), strict early, near the
+    fixed-sample boundary at the end.
+    """
+    if looks < 1:
+        raise ValueError("looks must be at least 1.")
+    if kind not in {"pocock", "obrien_fleming"}:
+        raise ValueError(f"Unknown boundary kind {kind!r}; use 'pocock' or 'obrien_fleming'.")
+    rng = np.random.default_rng(seed)
+    steps = rng.standard_normal((simulations, looks))
+    z = np.cumsum(steps, axis=1) / np.sqrt(np.arange(1, looks + 1))  # z statistic at each look under H0
+    shape = np.ones(looks) if kind == "pocock" else np.sqrt(looks / np.arange(1, looks + 1))
+    # the smallest c with P(any |z_k| > c * shape_k) <= alpha
+    c = np.quantile(np.max(np.abs(z) / shape, axis=1), 1 - alpha)
+    return tuple(float(c * s) for s in shape)
+
+
+def prob_b_beats_a(successes_a: int, n_a: int, successes_b: int, n_b: int, prior: tuple[float, float] = (1, 1),
+                   samples: int = 100_000, seed: int = 0) -> float:
+    """Posterior P(rate_B > rate_A) under independent Beta priors."""
+    rng = np.random.default_rng(seed)
+    a = rng.beta(prior[0] + successes_a, prior[1] + n_a - successes_a, samples)
+    b = rng.beta(prior[0] + successes_b, prior[1] + n_b - successes_b, samples)
+    return float((b > a).mean())
+
+
+def thompson_choice(successes: Mapping[str, int], trials: Mapping[str, int], rng: np.random.Generator) -> str:
+    """Thompson sampling: the arm whose Beta posterior draw is largest."""
+    draws = {arm: rng.beta(1 + successes.get(arm, 0), 1 + trials[arm] - successes.get(arm, 0)) for arm in trials}
+    return max(draws, key=draws.get)
+
+
+@dataclass
+class ExperimentLog:
+    variants: dict[str, float]
+    salt: str = ""
+    outcomes: dict[str, list[float]] = field(default_factory=dict)
+
+
+class ABTest:
+    """Experiments with deterministic assignment and outcome logging (in memory)."""
+
+    def __init__(self) -> None:
+        self.experiments: dict[str, ExperimentLog] = {}
+
+    def create(self, name: str, variants: Mapping[str, float], salt: str = "") -> None:
+        if name in self.experiments:
+            raise ValueError(f"Experiment {name!r} already exists.")
+        self.experiments[name] = ExperimentLog(_check_weights(variants), salt, {v: [] for v in variants})
+
+    def _get(self, name: str) -> ExperimentLog:
+        if name not in self.experiments:
+            raise KeyError(f"Unknown experiment {name!r}; known: {sorted(self.experiments)}.")
+        return self.experiments[name]
+
+    def assign(self, name: str, user_id: str) -> str:
+        log = self._get(name)
+        return assign(user_id, name, log.variants, log.salt)
+
+    def record(self, name: str, user_id: str, outcome: float) -> str:
+        variant = self.assign(name, user_id)
+        self._get(name).outcomes[variant].append(float(outcome))
+        return variant
+
+    def analyse(self, name: str, control: str, treatment: str, binary: bool = True) -> dict[str, float]:
+        log = self._get(name)
+        a, b = log.outcomes[control], log.outcomes[treatment]
+        out = {"n_control": len(a), "n_treatment": len(b),
+               "mean_control": float(np.mean(a)) if a else float("nan"),
+               "mean_treatment": float(np.mean(b)) if b else float("nan")}
+        if binary:
+            z, p = two_proportion_z(int(sum(a)), len(a), int(sum(b)), len(b))
+            out.update(z=z, p_value=p, prob_treatment_better=prob_b_beats_a(int(sum(a)), len(a), int(sum(b)), len(b)))
+        else:
+            t, p = welch_t(a, b)
+            out.update(t=t, p_value=p)
+        return out
+
+
+def simulate_sequential(runs: int = 1000, users: int = 1000, peek_every: int = 100, rate_a: float = 0.2,
+                        rate_b: float = 0.2, alpha: float = 0.05, kind: Optional[str] = "obrien_fleming",
+                        seed: int = 0) -> dict[str, float]:
+    """Share of simulated experiments that declare a difference when peeking every `peek_every`
+    users: naive (fixed-sample z at every look) and corrected (group-sequential boundaries)."""
+    rng = np.random.default_rng(seed)
+    looks = users // peek_every
+    bounds = group_sequential_boundaries(looks, alpha, kind) if kind else None
+    fixed = stats.norm.isf(alpha / 2)
+    naive_hits = corrected_hits = final_hits = 0
+    p_values = []
+    for _ in range(runs):
+        groups = rng.random(users) < 0.5
+        outcome = np.where(groups, rng.random(users) < rate_b, rng.random(users) < rate_a)
+        naive = corrected = False
+        for k in range(1, looks + 1):
+            n = k * peek_every
+            g, o = groups[:n], outcome[:n]
+            z, p = two_proportion_z(int(o[~g].sum()), int((~g).sum()), int(o[g].sum()), int(g.sum()))
+            naive |= abs(z) > fixed
+            corrected |= bounds is not None and abs(z) > bounds[k - 1]
+        naive_hits += naive
+        corrected_hits += corrected
+        final_hits += p < alpha
+        p_values.append(p)
+    return {"naive_rejection_rate": naive_hits / runs, "corrected_rejection_rate": corrected_hits / runs,
+            "single_look_rejection_rate": final_hits / runs, "final_p_values": p_values}
