@@ -1,0 +1,63 @@
+"""`PersonaAdapter`: per-user trait state -> a persona blend in the model, one call per turn."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+
+from ..incontext import traits_to_blend
+from ..personas import TRAITS
+from .env import ConversationEnv
+from .signals import extract_signals
+
+Policy = Callable[[np.ndarray], int]
+
+
+def hold_policy(observation: np.ndarray) -> int:
+    """The no-op policy (every trait + 0): the persona stays where it is."""
+    return 2
+
+
+class PersonaAdapter:
+    """Keeps each user's trait state, smoothed across turns, and the matching blend in the model.
+
+    `policy(observation) -> action` picks one of the environment's 50 trait adjustments from the
+    turn's signals and the current traits (an SB3 policy's `predict`, or `hold_policy`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, policy: Optional[Policy] = None, smoothing: float = 0.5,
+                 start_traits: Optional[np.ndarray] = None) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError("smoothing must be in (0, 1].")
+        bank = model.personas
+        self.parents = [p for p in bank if p.traits and len(p.traits) == len(TRAITS) and not p.blend]
+        if not self.parents:
+            raise ValueError("The model's bank has no persona with all ten traits to blend from.")
+        self.model, self.tokenizer = model, tokenizer
+        self.policy = policy or hold_policy
+        self.smoothing = smoothing
+        self.start = np.full(len(TRAITS), 0.5, np.float32) if start_traits is None else np.asarray(start_traits)
+        self.states: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def persona_name(user_id: str) -> str:
+        return "user-" + re.sub(r"[^A-Za-z0-9_.\-]", "_", str(user_id))[:50]
+
+    def step(self, user_id: str, user_message: str, latency_s: Optional[float] = None) -> str:
+        """Update the user's traits from this turn and return the persona to answer with."""
+        state = self.states.get(user_id, self.start.copy())
+        observation = np.concatenate([extract_signals(user_message, latency_s).vector(), state]).astype(np.float32)
+        trait, delta = ConversationEnv.decode(int(self.policy(observation)))
+        target = state.copy()
+        target[trait] = np.clip(target[trait] + delta, 0.0, 1.0)
+        state = ((1 - self.smoothing) * state + self.smoothing * target).astype(np.float32)  # gradual shifts
+        self.states[user_id] = state
+        blend = traits_to_blend(dict(zip(TRAITS, state.tolist())), self.parents)
+        name = self.persona_name(user_id)
+        if name in self.model.config.persona_names:
+            self.model.remove_persona(name)
+        self.model.add_persona(name, blend=blend, tokenizer=self.tokenizer)
+        return name
