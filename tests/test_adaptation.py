@@ -98,3 +98,20 @@ def test_persona_adapter_blends_gradually():
     assert adapter.step("bob", "hi") == "user-bob"
     with pytest.raises(ValueError, match="smoothing"):
         PersonaAdapter(model, tok, smoothing=0)
+
+
+def test_policy_export_round_trip(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3 import DQN, PPO
+
+    from personaweave.adaptation.policy import export_policy, load_policy
+
+    env = make_env()
+    obs, _ = env.reset(seed=0)
+    for cls in (DQN, PPO):
+        model = cls("MlpPolicy", env, seed=0, verbose=0)
+        folder = export_policy(model, str(tmp_path / cls.__name__), cls.__name__.lower())
+        assert sorted(p.name for p in (tmp_path / cls.__name__).iterdir()) == ["policy.json", "policy.safetensors"]
+        act = load_policy(folder)
+        expected, _ = model.predict(obs, deterministic=True)
+        assert act(obs) == int(expected)

@@ -39,6 +39,13 @@ def test_traits_config_parses():
     assert args.max_rows_per_persona == 200 and training_args.num_train_epochs == 2
 
 
+def test_trait_policy_config_parses():
+    policy = load_recipe("trait_policy")
+    (args,) = TrlParser((policy.PolicyArguments,)).parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "trait_policy.yaml")])
+    assert args.algorithms == ["dqn", "ppo"] and len(args.eval_seeds) == 5
+
+
 def test_maml_config_parses():
     maml = load_recipe("maml")
     (args,) = TrlParser((maml.MamlArguments,)).parse_args_and_config(["--config", str(RECIPES / "configs" / "maml.yaml")])
