@@ -1,0 +1,67 @@
+"""Reward components, the combined reward, and TRL PPO's reward-model interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from personaweave import chat
+from personaweave.rewards import (
+    CombinedRewardConfig,
+    CombinedRewardModel,
+    RewardContext,
+    combined_reward,
+    complete_score,
+    length_score,
+    reward_components,
+)
+
+
+class FakeClassifier:
+    labels = ["robot", "pirate"]
+
+    def predict_proba(self, texts):
+        return np.array([[0.1, 0.9] if "ahoy" in t else [0.8, 0.2] for t in texts])
+
+
+@pytest.fixture
+def ctx(hash_encoder):
+    return RewardContext(encoder=hash_encoder, classifier=FakeClassifier(),
+                         examples={"pirate": ["ahoy matey"], "robot": ["beep logic"]})
+
+
+def test_goal_parts():
+    assert length_score("") == 0 and length_score("a b c d") == 0.5 and length_score("w " * 20) == 1
+    assert complete_score("Fine.") == 1 and complete_score("and then the") == 0 and complete_score("") == 0
+
+
+def test_components_and_weights(ctx):
+    parts = reward_components(["hi"] * 2, ["ahoy matey , a fine day !", "beep ."], ["pirate", "robot"], ctx)
+    assert parts["classifier_confidence"].tolist() == pytest.approx([0.9, 0.8])
+    assert set(parts) >= {"relevance", "length", "sentiment", "repetition", "complete", "goal", "example_similarity"}
+    total, _ = combined_reward({"classifier_confidence": 2.0}, ctx)(["hi"], ["ahoy there."], ["pirate"])
+    assert total[0] == pytest.approx(1.8)
+    with pytest.raises(ValueError, match=">= 0"):
+        combined_reward({"goal": -1}, ctx)
+    with pytest.raises(ValueError, match="same length"):
+        reward_components(["hi"], ["a", "b"], ["robot"], ctx)
+
+
+def test_reward_model_speaks_trls_ppo_interface(ctx, persona_model):
+    """trl.experimental.utils.get_reward reads our combined reward at the last response token."""
+    from trl.experimental.utils import get_reward
+
+    model, tok = persona_model
+    reward_fn = combined_reward({"classifier_confidence": 1.0}, ctx)
+    rm = CombinedRewardModel(CombinedRewardConfig(), reward_fn=reward_fn, tokenizer=tok,
+                             persona_token_ids=dict(zip(model.config.persona_names, model.config.persona_token_ids)),
+                             assistant_marker="<|im_start|> assistant")
+    prompt = tok.apply_chat_template(chat("pirate", "hello", model=model), add_generation_prompt=True,
+                                     return_tensors="pt")
+    reply = tok(" ahoy ! ahoy", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    query_response = torch.cat([prompt, reply, torch.full((1, 2), tok.pad_token_id)], dim=1)
+    _, score, lengths = get_reward(rm, query_response, tok.pad_token_id, prompt.shape[1])
+    assert score.tolist() == pytest.approx([0.9])
+    assert int(lengths[0]) == prompt.shape[1] + reply.shape[1] - 1
+    assert rm.last_components["classifier_confidence"].tolist() == pytest.approx([0.9])
