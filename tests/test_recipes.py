@@ -46,6 +46,13 @@ def test_trait_policy_config_parses():
     assert args.algorithms == ["dqn", "ppo"] and len(args.eval_seeds) == 5
 
 
+def test_ppo_config_parses():
+    ppo = load_recipe("ppo")
+    script, args = TrlParser((ppo.PPOScriptArguments, ppo.PPOConfig)).parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "ppo.yaml")])
+    assert script.reward_weights["goal"] == 1.0 and args.kl_coef == 0.05
+
+
 def test_maml_config_parses():
     maml = load_recipe("maml")
     (args,) = TrlParser((maml.MamlArguments,)).parse_args_and_config(["--config", str(RECIPES / "configs" / "maml.yaml")])

@@ -1,0 +1,110 @@
+"""PPO with TRL for persona consistency + conversation goals (multi-objective reward).
+
+Policy: the trained PersonaWeave master with a new LoRA adapter (peft_config), so the reference
+is the same model with the adapter disabled (TRL's behaviour with peft and ref_model=None).
+Value model: a sequence-classification head (num_labels=1) on the base LM. Reward: the combined
+reward (`personaweave.rewards`) behind TRL's reward-model interface (`CombinedRewardModel`).
+
+SmolLM2 pads with its EOS token (<|im_end|>), which also closes every chat turn; TRL masks pad
+tokens out of the query-response, so the recipe pads with <|endoftext|> instead.
+
+Usage:
+    accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/ppo.py --config recipes/configs/ppo.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import TrlParser
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+from personaweave import PersonaWeaveForCausalLM, chat
+from personaweave.adapters import lora_config
+from personaweave.data import load_persona_dialogues
+from personaweave.rewards import CombinedRewardConfig, CombinedRewardModel, RewardContext, combined_reward
+
+
+@dataclass
+class PPOScriptArguments:
+    model: str = field(default="outputs/sft_persona/final", metadata={"help": "Trained master folder."})
+    classifier: str = field(default="outputs/persona_classifier", metadata={"help": "Persona classifier folder."})
+    reward_weights: dict = field(default_factory=lambda: {"classifier_confidence": 1.0, "example_similarity": 0.5,
+                                                          "goal": 1.0}, metadata={"help": "Reward component weights."})
+    max_prompts: Optional[int] = field(default=512, metadata={"help": "Training prompts (persona x user turn)."})
+    pad_token: str = field(default="<|endoftext|>", metadata={"help": "A pad token distinct from EOS."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the PPO adapter."})
+    dataset_dir: Optional[str] = field(default=None, metadata={"help": "Dataset folder (default: shipped)."})
+
+
+def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=None, encoder=None):
+    """(policy, tokenizer, value model, reward model, dataset) for PPOTrainer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from personaweave.evaluation import PersonaClassifier
+    from personaweave.zoo import default_encoder
+
+    if model is None:
+        model = PersonaWeaveForCausalLM.from_pretrained(script.model)
+        tokenizer = AutoTokenizer.from_pretrained(script.model)
+    if script.pad_token in tokenizer.get_vocab():
+        tokenizer.pad_token = script.pad_token
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise SystemExit("PPO needs a pad token distinct from EOS; set --pad_token to an unused token.")
+    tokenizer.padding_side = "left"
+    classifier = classifier or PersonaClassifier.from_pretrained(script.classifier)
+    bank = model.personas
+    ctx = RewardContext(encoder=encoder or default_encoder(), classifier=classifier,
+                        examples={p.name: p.examples for p in bank})
+    reward_model = CombinedRewardModel(
+        CombinedRewardConfig(), reward_fn=combined_reward(script.reward_weights, ctx), tokenizer=tokenizer,
+        persona_token_ids=dict(zip(model.config.persona_names, model.config.persona_token_ids)))
+    value_model = AutoModelForSequenceClassification.from_config(
+        _value_config(model.config.text_config))
+    # the base LM's backbone (e.g. LlamaModel) under the value head
+    backbone = getattr(model.language_model, model.language_model.base_model_prefix)
+    getattr(value_model, value_model.base_model_prefix).load_state_dict(backbone.state_dict())
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    data = load_persona_dialogues("train", data_dir=script.dataset_dir)
+    names = [n for n in model.config.persona_names if n in classifier.labels]
+    rows = [(p, q) for q in sorted(set(data["prompt"])) for p in names][: script.max_prompts]
+    from datasets import Dataset
+
+    def tokenize(row):
+        ids = tokenizer.apply_chat_template(chat(row["persona"], row["prompt"], model=model),
+                                            add_generation_prompt=True)
+        return {"input_ids": ids, "lengths": len(ids)}
+
+    dataset = Dataset.from_list([{"persona": p, "prompt": q} for p, q in rows])
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
+    return model, tokenizer, value_model, reward_model, dataset
+
+
+def _value_config(text_config):
+    import copy
+
+    config = copy.deepcopy(text_config)
+    config.num_labels = 1  # a config copied from a causal LM keeps two labels: PPO then fails on shapes
+    config.architectures = None
+    return config
+
+
+def main(script: PPOScriptArguments, args: PPOConfig, **built):
+    model, tokenizer, value_model, reward_model, dataset = build(script, **built)
+    args.stop_token = "eos"
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
+                         reward_model=reward_model, train_dataset=dataset, value_model=value_model,
+                         peft_config=lora_config(r=script.lora_r))
+    trainer.train()
+    final = os.path.join(args.output_dir, "final")
+    trainer.save_model(final)
+    return final, trainer
+
+
+if __name__ == "__main__":
+    script_args, ppo_args = TrlParser((PPOScriptArguments, PPOConfig)).parse_args_and_config()
+    main(script_args, ppo_args)
+    sys.exit(0)

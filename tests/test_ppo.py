@@ -1,0 +1,62 @@
+"""TRL PPO with the PersonaWeave policy (LoRA), a value head on the base and the combined reward."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class UniformClassifier:
+    labels = ["librarian", "robot", "pirate", "butler", "coach", "counselor", "grump", "scientist"]
+
+    def predict_proba(self, texts):
+        return np.full((len(texts), 8), 1 / 8)
+
+
+def tiny_dataset(path):
+    from datasets import Dataset
+
+    rows = [{"persona": p, "description": "", "traits": [0.5] * 10, "messages": [], "prompt": q, "response": "ok",
+             "source": "test"} for p in UniformClassifier.labels for q in ("hello what", "why is the sea good ?")]
+    for split in ("train", "validation", "test"):
+        Dataset.from_list(rows).to_parquet(str(path / f"{split}.parquet"))
+    return str(path)
+
+
+def test_ppo_runs_and_trains_only_the_lora_adapter(tmp_path, hash_encoder):
+    pytest.importorskip("trl.experimental.ppo")
+    spec = importlib.util.spec_from_file_location("ppo_recipe", ROOT / "recipes" / "ppo.py")
+    ppo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ppo
+    spec.loader.exec_module(ppo)
+    from trl.experimental.ppo import PPOConfig
+
+    from personaweave.testing import tiny_persona_model
+
+    model, tok = tiny_persona_model()
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]}, replace_additional_special_tokens=False)
+    model.language_model.resize_token_embeddings(len(tok), mean_resizing=False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    script = ppo.PPOScriptArguments(max_prompts=8, lora_r=4, dataset_dir=tiny_dataset(tmp_path))
+    args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=4, total_episodes=8,
+                     response_length=6, num_ppo_epochs=1, num_mini_batches=1, report_to="none", bf16=False,
+                     use_cpu=True, save_strategy="no", num_sample_generations=0, learning_rate=1e-2)
+    _, trainer = ppo.main(script, args, model=model, tokenizer=tok, classifier=UniformClassifier(),
+                          encoder=hash_encoder)
+    policy = trainer.model.policy
+    lora = {n: p for n, p in policy.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().max() > 0 for p in lora.values())  # LoRA B starts at zero: it moved
+    for name, value in base.items():  # the master itself is untouched (the reference = adapters off)
+        key = "base_model.model." + name
+        current = dict(policy.named_parameters()).get(key.replace(".weight", ".base_layer.weight"),
+                                                      dict(policy.named_parameters()).get(key))
+        if current is not None and current.shape == value.shape:
+            assert torch.equal(current.detach(), value)
+    assert any("objective/scores" in h for h in trainer.state.log_history)
