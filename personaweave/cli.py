@@ -181,6 +181,25 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .memory import Memory
+    from .service import PersonaService, Storage, create_app
+
+    model, tokenizer = _load(args)
+    adapter = None
+    if args.adaptive:
+        from .adaptation.adapter import PersonaAdapter
+        from .adaptation.policy import load_policy
+
+        adapter = PersonaAdapter(model, tokenizer, policy=load_policy(args.policy) if args.policy else None)
+    service = PersonaService(model, tokenizer, Storage(args.db), memory=None if args.no_memory else Memory(),
+                             adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="evaluation JSON (from `personaweave eval`) for the card's model-index")
     p.add_argument("--dry-run", metavar="DIR", help="write the exact upload folder to DIR and stop")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat API with adaptive personas and memory")
+    add_model_args(p)
+    p.add_argument("--db", default="sqlite:///personaweave.db", help="SQLAlchemy URL (SQLite WAL by default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adaptive", action="store_true", help="enable model='auto' (the adaptation engine)")
+    p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-batching", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")
     p.add_argument("dataset_dir", nargs="?", help="folder with train/validation/test.parquet (default: shipped)")

@@ -1,0 +1,45 @@
+"""Long-term memory: each user's past turns embedded with MiniLM; the most relevant come back.
+
+Exact cosine search over the user's own turns (a user has hundreds, not millions: a matrix
+product is exact and fast). Embeddings are stored with the turns in the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+
+class Memory:
+    def __init__(self, encoder: Any = None, k: int = 3, min_similarity: float = 0.3) -> None:
+        self._encoder = encoder
+        self.k = k
+        self.min_similarity = min_similarity
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .zoo import default_encoder
+
+            self._encoder = default_encoder()
+        return self._encoder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+        return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8, None)
+
+    def recall(self, query: str, texts: Sequence[str], vectors: Optional[np.ndarray]) -> list[str]:
+        """The top-k stored texts most similar to `query` (above `min_similarity`), best first."""
+        if vectors is None or not len(texts):
+            return []
+        sims = vectors @ self.embed([query])[0]
+        order = np.argsort(-sims)[: self.k]
+        return [texts[i] for i in order if sims[i] >= self.min_similarity]
+
+    @staticmethod
+    def as_context(memories: Sequence[str]) -> Optional[str]:
+        if not memories:
+            return None
+        return "Things the user said before: " + " | ".join(m[:200] for m in memories)

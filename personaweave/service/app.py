@@ -1,0 +1,260 @@
+"""The personality service: an OpenAI-compatible chat API over a PersonaWeave model.
+
+POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0.7,robot=0.3") or
+                           "auto" (the adaptation engine picks the blend); `user` = the user id
+GET  /v1/models            the personas
+GET/DELETE /v1/users/{id}  a user's state and turns
+POST /v1/feedback          thumbs up/down and blocking, kept in the user's state
+
+A reply is acknowledged only after the user's turn, the reply and the new state are committed
+in one transaction; one user's requests are serialised so no turn is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Any, Literal, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..chat import chat
+from ..memory import Memory
+from .batching import DynamicBatcher
+from .storage import Storage
+
+MAX_MESSAGE_CHARS = 4000
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    user: Optional[str] = Field(default=None, max_length=128)
+    stream: bool = False
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=512)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+
+
+class Feedback(BaseModel):
+    user: str = Field(min_length=1, max_length=128)
+    rating: Optional[Literal["up", "down"]] = None
+    blocked: bool = False
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+class PersonaService:
+    """Model, tokenizer, storage, memory and batching behind the HTTP layer."""
+
+    def __init__(self, model: Any, tokenizer: Any, storage: Storage, memory: Optional[Memory] = None,
+                 adapter: Any = None, max_new_tokens: int = 64, batching: bool = True, max_batch: int = 8,
+                 max_wait_ms: float = 10.0, history_turns: int = 6) -> None:
+        self.model, self.tokenizer, self.storage = model, tokenizer, storage
+        self.memory, self.adapter = memory, adapter
+        self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
+        self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms)
+        self.user_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.model_lock = threading.Lock()  # bank edits and generation do not interleave
+
+    # -- persona resolution -----------------------------------------------------------------
+    def resolve(self, spec: str, user: Optional[str], message: str) -> str:
+        names = self.model.config.persona_names
+        if spec == "auto":
+            if self.adapter is None:
+                raise HTTPException(400, "model 'auto' needs the adaptation engine, which this server was "
+                                         "started without.")
+            with self.model_lock:
+                return self.adapter.step(user or "anonymous", message)
+        if spec.startswith("blend:"):
+            weights = {}
+            for part in spec[len("blend:"):].split(","):
+                name, sep, value = part.partition("=")
+                try:
+                    weights[name.strip()] = float(value)
+                except ValueError:
+                    raise HTTPException(400, f"Bad blend part {part!r}: use NAME=WEIGHT.") from None
+                if not sep:
+                    raise HTTPException(400, f"Bad blend part {part!r}: use NAME=WEIGHT.")
+            unknown = [n for n in weights if n not in names]
+            if unknown:
+                raise HTTPException(404, f"Unknown persona(s) {unknown}; available: {names}.")
+            name = "blend-" + "-".join(f"{re.sub(r'[^A-Za-z0-9]', '', n)}{round(100 * w)}"
+                                       for n, w in sorted(weights.items()))[:60]
+            with self.model_lock:
+                if name not in self.model.config.persona_names:
+                    try:
+                        self.model.add_persona(name, blend=weights, tokenizer=self.tokenizer)
+                    except (KeyError, ValueError) as err:
+                        raise HTTPException(400, str(err)) from None
+            return name
+        if spec not in names:
+            raise HTTPException(404, f"Unknown persona {spec!r}; available: {names}, 'auto' or 'blend:...'.")
+        return spec
+
+    # -- generation --------------------------------------------------------------------------
+    def _generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        from ..generation import generate_replies
+
+        with self.model_lock:
+            return generate_replies(self.model, self.tokenizer, conversations,
+                                    max_new_tokens=self.max_new_tokens, batch_size=len(conversations)).texts
+
+    def conversation(self, persona: str, request: ChatRequest) -> tuple[list[dict[str, str]], str]:
+        last = request.messages[-1].content
+        if request.user:
+            history = [{"role": t["role"], "content": t["content"]}
+                       for t in self.storage.history(request.user, limit=self.history_turns)]
+        else:
+            history = [m.model_dump() for m in request.messages[:-1] if m.role != "system"]
+        context = None
+        if self.memory is not None and request.user:
+            texts, vectors = self.storage.user_memories(request.user)
+            recent = {t["content"] for t in history}
+            context = Memory.as_context([m for m in self.memory.recall(last, texts, vectors) if m not in recent])
+        return chat(persona, last, history, model=self.model, context=context), last
+
+    def persist(self, user: Optional[str], persona: str, message: str, reply: str) -> None:
+        if not user:
+            return
+        vector = self.memory.embed([message])[0] if self.memory is not None else None
+        state = self.storage.state(user) or {}
+        state.update(persona=persona, turns=state.get("turns", 0) + 1)
+        self.storage.add_exchange(user, state, [("user", message, persona, vector), ("assistant", reply, persona, None)])
+
+
+def _completion(persona: str, spec: str, reply: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+        "model": spec, "system_fingerprint": persona,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def create_app(service: PersonaService) -> FastAPI:
+    app = FastAPI(title="personaweave", version="0.1.0")
+    app.state.service = service
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, err: HTTPException):
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(422, f"Invalid request: {where}: {first.get('msg', 'malformed body')}")
+
+    @app.get("/v1/models")
+    async def models():
+        bank = service.model.personas
+        data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "personaweave",
+                 "description": p.description} for p in bank]
+        return {"object": "list", "data": data + [{"id": "auto", "object": "model", "created": 0,
+                                                   "owned_by": "personaweave"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: ChatRequest):
+        last = request.messages[-1]
+        if last.role != "user" or not last.content.strip():
+            raise HTTPException(400, "The last message must be a non-empty user message.")
+        if any(len(m.content) > MAX_MESSAGE_CHARS for m in request.messages):
+            raise HTTPException(413, f"A message is longer than {MAX_MESSAGE_CHARS} characters.")
+        if request.stream:  # the stream holds the user's lock itself, while it runs
+            persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
+            return StreamingResponse(_stream(service, persona, request), media_type="text/event-stream")
+        lock = service.user_locks[request.user] if request.user else asyncio.Lock()
+        async with lock:
+            persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
+            conversation, message = await asyncio.to_thread(service.conversation, persona, request)
+            reply = await service.batcher.submit(conversation)
+            await asyncio.to_thread(service.persist, request.user, persona, message, reply)
+        prompt_tokens = len(service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+        return _completion(persona, request.model, reply, prompt_tokens, len(service.tokenizer(reply)["input_ids"]))
+
+    @app.get("/v1/users/{user_id}")
+    async def get_user(user_id: str):
+        state = await asyncio.to_thread(service.storage.state, user_id)
+        if state is None:
+            raise HTTPException(404, f"Unknown user {user_id!r}.")
+        history = await asyncio.to_thread(service.storage.history, user_id)
+        return {"id": user_id, "state": state, "turns": len(history), "history": history}
+
+    @app.delete("/v1/users/{user_id}")
+    async def delete_user(user_id: str):
+        if not await asyncio.to_thread(service.storage.delete_user, user_id):
+            raise HTTPException(404, f"Unknown user {user_id!r}.")
+        return {"id": user_id, "deleted": True}
+
+    @app.post("/v1/feedback")
+    async def feedback(item: Feedback):
+        async with service.user_locks[item.user]:
+            state = await asyncio.to_thread(service.storage.state, item.user) or {}
+            log = state.setdefault("feedback", {"up": 0, "down": 0, "blocked": False})
+            if item.rating:
+                log[item.rating] += 1
+            log["blocked"] = log["blocked"] or item.blocked
+            await asyncio.to_thread(service.storage.save_state, item.user, state)
+        return {"user": item.user, "feedback": log}
+
+    return app
+
+
+async def _stream(service: PersonaService, persona: str, request: ChatRequest):
+    """Server-sent events in OpenAI's chunk format, from a TextIteratorStreamer (not batched)."""
+    lock = service.user_locks[request.user] if request.user else asyncio.Lock()
+    async with lock:
+        conversation, message = await asyncio.to_thread(service.conversation, persona, request)
+        async for event in _stream_events(service, persona, request, conversation, message):
+            yield event
+
+
+async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, conversation, message: str):
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(service.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
+
+    def run():
+        import torch
+
+        with service.model_lock, torch.no_grad():
+            service.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=service.max_new_tokens,
+                                   do_sample=False, streamer=streamer, pad_token_id=service.tokenizer.pad_token_id)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    pieces = []
+    iterator = iter(streamer)
+    while True:
+        piece = await asyncio.to_thread(next, iterator, None)
+        if piece is None:
+            break
+        if piece:
+            pieces.append(piece)
+            yield "data: " + json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                                         "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
+                                                                              "finish_reason": None}]}) + "\n\n"
+    thread.join()
+    await asyncio.to_thread(service.persist, request.user, persona, message, "".join(pieces).strip())
+    yield "data: " + json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                                 "model": request.model, "choices": [{"index": 0, "delta": {},
+                                                                      "finish_reason": "stop"}]}) + "\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,102 @@
+"""Per-user state and conversation turns in a real database (SQLAlchemy).
+
+SQLite in WAL mode is the embedded default (a committed transaction survives a killed process);
+any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import numpy as np
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(Text, default="{}")
+    updated: Mapped[float] = mapped_column(default=time.time)
+
+
+class TurnRow(Base):
+    __tablename__ = "turns"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    persona: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    embedding: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+    created: Mapped[float] = mapped_column(default=time.time)
+
+
+class Storage:
+    def __init__(self, url: str = "sqlite:///personaweave.db") -> None:
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(connection, _record):  # noqa: ANN001
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+        Base.metadata.create_all(self.engine)
+
+    def state(self, user_id: str) -> Optional[dict[str, Any]]:
+        with Session(self.engine) as session:
+            row = session.get(UserRow, user_id)
+            return None if row is None else json.loads(row.state)
+
+    def save_state(self, user_id: str, state: dict[str, Any]) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(UserRow, user_id)
+            if row is None:
+                session.add(UserRow(id=user_id, state=json.dumps(state)))
+            else:
+                row.state, row.updated = json.dumps(state), time.time()
+
+    def add_exchange(self, user_id: str, state: dict[str, Any], turns: list[tuple[str, str, Optional[str],
+                                                                             Optional[np.ndarray]]]) -> None:
+        """The user's turn, the reply and the new state in one transaction: all or nothing."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(UserRow, user_id)
+            if row is None:
+                session.add(UserRow(id=user_id, state=json.dumps(state)))
+                session.flush()
+            else:
+                row.state, row.updated = json.dumps(state), time.time()
+            for role, content, persona, vector in turns:
+                blob = None if vector is None else np.asarray(vector, np.float32).tobytes()
+                session.add(TurnRow(user_id=user_id, role=role, content=content, persona=persona, embedding=blob))
+
+    def history(self, user_id: str, limit: Optional[int] = None) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            query = select(TurnRow).where(TurnRow.user_id == user_id).order_by(TurnRow.id.desc())
+            rows = session.scalars(query.limit(limit) if limit is not None else query).all()
+            return [{"role": r.role, "content": r.content, "persona": r.persona} for r in reversed(rows)]
+
+    def count_turns(self, user_id: str) -> int:
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.count()).select_from(TurnRow).where(TurnRow.user_id == user_id)))
+
+    def user_memories(self, user_id: str) -> tuple[list[str], Optional[np.ndarray]]:
+        """(texts, unit vectors) of the user's own past turns that have embeddings."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(TurnRow).where(TurnRow.user_id == user_id, TurnRow.role == "user",
+                                                         TurnRow.embedding.is_not(None))).all()
+            if not rows:
+                return [], None
+            return [r.content for r in rows], np.stack([np.frombuffer(r.embedding, np.float32) for r in rows])
+
+    def delete_user(self, user_id: str) -> bool:
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(TurnRow).where(TurnRow.user_id == user_id))
+            return session.execute(delete(UserRow).where(UserRow.id == user_id)).rowcount > 0

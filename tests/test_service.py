@@ -1,0 +1,187 @@
+"""The personality service on a tiny model: OpenAI client, bad input, concurrency, persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from personaweave.memory import Memory  # noqa: E402
+from personaweave.service import PersonaService, Storage, create_app  # noqa: E402
+from personaweave.testing import tiny_persona_model  # noqa: E402
+
+
+@pytest.fixture
+def service(tmp_path, hash_encoder):
+    model, tok = tiny_persona_model()
+    return PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/db.sqlite"), memory=Memory(hash_encoder),
+                          max_new_tokens=6)
+
+
+@pytest.fixture
+def client(service):
+    return TestClient(create_app(service))
+
+
+def body(**kw):
+    return {"model": "pirate", "messages": [{"role": "user", "content": "hello what should i read ?"}], **kw}
+
+
+def test_chat_models_and_user_state(client, service):
+    models = client.get("/v1/models").json()
+    assert {m["id"] for m in models["data"]} >= {"pirate", "robot", "auto"}
+    for _ in range(2):
+        reply = client.post("/v1/chat/completions", json=body(user="u1"))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["role"] == "assistant"
+    user = client.get("/v1/users/u1").json()
+    assert user["turns"] == 4 and user["state"]["persona"] == "pirate"
+    blend = client.post("/v1/chat/completions", json=body(model="blend:pirate=0.7,robot=0.3", user="u2"))
+    assert blend.status_code == 200 and blend.json()["system_fingerprint"] == "blend-pirate70-robot30"
+    assert client.post("/v1/feedback", json={"user": "u1", "rating": "up"}).json()["feedback"]["up"] == 1
+    assert client.delete("/v1/users/u1").status_code == 200
+    assert client.get("/v1/users/u1").status_code == 404
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    ("not json", 422, "Invalid request"),
+    ({"model": "ghost", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}, 404, "Unknown persona"),
+    ({"model": "pirate", "messages": [{"role": "user", "content": "   "}], "user": "bad"}, 400, "non-empty"),
+    ({"model": "pirate", "messages": [], "user": "bad"}, 422, "messages"),
+    ({"model": "pirate", "messages": [{"role": "user", "content": "x" * 5000}], "user": "bad"}, 413, "longer"),
+    ({"model": "blend:pirate=-1,robot=2", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}, 400,
+     "negative"),
+    ({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}, 400, "adaptation engine"),
+])
+def test_bad_input_is_a_clear_4xx_and_writes_nothing(client, service, payload, status, words):
+    kwargs = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) \
+        else {"json": payload}
+    response = client.post("/v1/chat/completions", **kwargs)
+    assert response.status_code == status
+    assert words in response.json()["error"]["message"]
+    assert service.storage.state("bad") is None
+
+
+def test_concurrent_requests_for_one_user_lose_no_turn(service):
+    app = create_app(service)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            replies = await asyncio.gather(*[c.post("/v1/chat/completions", json=body(user="same"))
+                                             for _ in range(6)])
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(run()) == [200] * 6
+    assert service.storage.count_turns("same") == 12
+
+
+def test_batching_groups_concurrent_users(service):
+    app = create_app(service)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            await asyncio.gather(*[c.post("/v1/chat/completions", json=body(user=f"u{i}")) for i in range(6)])
+
+    asyncio.run(run())
+    assert max(service.batcher.batch_sizes) > 1
+
+
+def test_memory_brings_back_relevant_turns(service):
+    client = TestClient(create_app(service))
+    service.history_turns = 0  # only long-term memory can bring the old turn back
+    client.post("/v1/chat/completions", json=body(user="m", messages=[{"role": "user", "content": "coffee tea please"}]))
+    from personaweave.service.app import ChatRequest
+
+    request = ChatRequest(**body(user="m", messages=[{"role": "user", "content": "coffee tea please"}]))
+    conversation, _ = service.conversation("pirate", request)
+    assert "coffee tea please" in conversation[0]["content"] and len(conversation) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_client_against_a_running_server(service):
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.chat.completions.create(model="robot", messages=[{"role": "user", "content": "hello"}],
+                                               user="oa")
+        assert reply.choices[0].message.role == "assistant"
+        chunks = list(client.chat.completions.create(model="robot", user="oa", stream=True,
+                                                     messages=[{"role": "user", "content": "why ?"}]))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert [m.id for m in client.models.list()][:2] == ["librarian", "robot"]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "hi"}])
+        assert service.storage.count_turns("oa") == 4
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_every_acknowledged_turn(tmp_path):
+    """Start `personaweave serve`, chat, kill -9 mid-conversation, restart: acknowledged turns are all there."""
+    model, tok = tiny_persona_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    db = f"sqlite:///{tmp_path}/db.sqlite"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def start(port):
+        return subprocess.Popen([sys.executable, "-m", "personaweave.cli", "serve", "--model", str(tmp_path / "model"),
+                                 "--db", db, "--port", str(port), "--no-memory", "--max-new-tokens", "4"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(port):
+        for _ in range(300):
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return False
+
+    port = free_port()
+    proc = start(port)
+    assert wait(port), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "server did not start"
+    acknowledged = 0
+    for i in range(5):
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                       json=body(model="robot", user="k9", messages=[{"role": "user", "content": f"hello {i}"}]))
+        acknowledged += r.status_code == 200
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    port = free_port()
+    proc = start(port)
+    try:
+        assert wait(port)
+        user = httpx.get(f"http://127.0.0.1:{port}/v1/users/k9", timeout=10).json()
+        assert acknowledged == 5 and user["turns"] == 2 * acknowledged
+    finally:
+        proc.kill()
+        proc.wait()
