@@ -107,15 +107,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
+    import numpy as np
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     from .data import load_persona_dialogues
     from .discovery import cluster_dialogues
 
+    from .discovery import center_within_groups, embed_units
+
     data = load_persona_dialogues(args.split, data_dir=args.dataset_dir)
+    raw = embed_units(list(data["response"]))
+    # Replies to one user turn share its topic: removing each turn's mean embedding leaves style.
+    emb = center_within_groups(raw, list(data["prompt"])) if args.center_by_prompt else raw
+    if args.session_size > 1:
+        # Units are sessions: N replies of one speaker (a chat log knows who spoke, not which
+        # persona). The persona column only forms the sessions and scores the result.
+        data, index = _sessions(data, args.session_size)
+        emb = np.stack([emb[i].mean(0) for i in index])
+        raw = np.stack([raw[i].mean(0) for i in index])
+    found = cluster_dialogues(data["response"], args.k, traits=data["traits"], embeddings=emb,
+                              vector_embeddings=raw, seed=args.seed)
     units = data["response"]
-    groups = data["prompt"] if args.center_by_prompt else None
-    found = cluster_dialogues(units, args.k, traits=data["traits"], center_groups=groups, seed=args.seed)
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump([{**p.to_dict(), "vector": p.vector.tolist()} for p in found.personas], handle, indent=1)
     report = {"k": found.k, "silhouette": found.silhouette, "units": len(units)}
@@ -200,6 +212,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sessions(data, size: int):
+    """(sessions dataset, row indices of each session): consecutive replies of one speaker."""
+    from datasets import Dataset
+
+    by_speaker: dict[str, list[int]] = {}
+    for i, persona in enumerate(data["persona"]):
+        by_speaker.setdefault(persona, []).append(i)
+    rows, index = [], []
+    for persona, idx in by_speaker.items():
+        for i in range(0, len(idx) - size + 1, size):
+            chunk = idx[i:i + size]
+            index.append(chunk)
+            rows.append({"persona": persona, "response": [data[j]["response"] for j in chunk],
+                         "traits": data[chunk[0]]["traits"]})
+    return Dataset.from_list(rows), index
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personaweave", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="number of personas (default: chosen by silhouette)")
     p.add_argument("--center-by-prompt", action="store_true",
                    help="remove each user turn's mean embedding first (replies share their prompt's topic)")
+    p.add_argument("--session-size", type=int, default=1,
+                   help="cluster sessions of N replies by one speaker instead of single replies")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="personas.json")
     p.set_defaults(func=cmd_discover)

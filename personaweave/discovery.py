@@ -123,14 +123,21 @@ def cluster_dialogues(
     center_groups: Optional[Sequence[Any]] = None,
     k_range: tuple[int, int] = (2, 12),
     seed: int = 0,
+    vector_embeddings: Optional[np.ndarray] = None,
 ) -> Discovery:
-    """Cluster dialogue units into latent personas (see module docstring)."""
+    """Cluster dialogue units into latent personas (see module docstring).
+
+    `vector_embeddings` (default: the clustering embeddings before centring) are where the
+    personas' vectors, the cluster centroids, are taken: they must live in the encoder's space
+    to be usable as persona vectors.
+    """
     if not len(units):
         raise ValueError("Cannot discover personas in an empty dataset.")
     emb = embed_units(units, encoder) if embeddings is None else _unit(np.asarray(embeddings, dtype=np.float32))
     if len(emb) != len(units):
         raise ValueError(f"{len(emb)} embeddings for {len(units)} units.")
-    raw = emb  # centroids and nearest examples live in the uncentred space: that is a persona vector
+    # centroids and nearest examples live in the uncentred space: that is a persona vector
+    raw = emb if vector_embeddings is None else _unit(np.asarray(vector_embeddings, dtype=np.float32))
     if center_groups is not None:
         emb = center_within_groups(emb, center_groups)
     labels, kk, scores, _ = cluster_embeddings(emb, k, k_range, seed)
