@@ -111,9 +111,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     from .data import load_persona_dialogues
-    from .discovery import cluster_dialogues
-
-    from .discovery import center_within_groups, embed_units
+    from .discovery import center_within_groups, cluster_dialogues, embed_units
 
     data = load_persona_dialogues(args.split, data_dir=args.dataset_dir)
     raw = embed_units(list(data["response"]))

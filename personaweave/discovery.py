@@ -20,6 +20,11 @@ import numpy as np
 from .personas import TRAITS, Persona
 
 
+# sklearn's English stop words lack contractions and fillers, which then top every cluster
+CONTRACTIONS = frozenset("i'm you're it's that's i've don't just i'd i'll can't let's we're they're there's "
+                         "what's isn't doesn't didn't won't like really sure oh yes yeah".split())
+
+
 @dataclass
 class Discovery:
     """Everything a clustering run produced; `personas` is what `discover_personas` returns."""
@@ -97,11 +102,12 @@ def cluster_embeddings(embeddings: np.ndarray, k: Optional[int] = None, k_range:
 
 def distinctive_terms(texts: Sequence[str], labels: np.ndarray, top: int = 5) -> dict[int, list[str]]:
     """c-TF-IDF: terms frequent in one cluster's documents and rare across clusters."""
-    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
     clusters = sorted(set(labels.tolist()))
     docs = [" ".join(t for t, lab in zip(texts, labels) if lab == c) for c in clusters]
-    vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z']+\b")
+    stop = sorted(ENGLISH_STOP_WORDS | CONTRACTIONS)
+    vectorizer = CountVectorizer(stop_words=stop, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z']+\b")
     try:
         counts = vectorizer.fit_transform(docs).toarray().astype(float)
     except ValueError:  # only stop words
