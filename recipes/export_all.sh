@@ -6,4 +6,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODEL=${1:-outputs/sft_persona/final}
 personaweave export onnx "$MODEL" --out outputs/onnx --quantize int8
 personaweave eval --onnx outputs/onnx --num-prompts 25 --out outputs/eval_onnx.json
-python benchmarks/onnx.py | tee outputs/onnx_benchmark.jsonl
+python benchmarks/onnx_export.py | tee outputs/onnx_benchmark.jsonl

@@ -5,7 +5,7 @@ present, else the untrained default build) to ONNX fp32 and int8, and the bare S
 Optimum's stock `main_export` + the same quantizer, then times every variant in its own
 subprocess (so peak RSS is per variant). JSON lines; ratios are to PyTorch fp32 PersonaWeave.
 
-    python benchmarks/onnx.py [--new_tokens 32] [--repeats 3] [--keep DIR]
+    python benchmarks/onnx_export.py [--new_tokens 32] [--repeats 3] [--keep DIR]
 """
 
 from __future__ import annotations
