@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,16 @@ def prepare(folder: str) -> dict[str, str]:
         "onnx_fp32_stock": os.path.join(folder, "stock", "model.onnx"),
         "onnx_int8_stock": os.path.join(folder, "stock", "model_quantized.onnx"),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux keeps that across exec,
+    so a child would report its parent's peak."""
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def measure(variant: str, location: str, new_tokens: int, repeats: int) -> dict:
@@ -106,7 +115,7 @@ def measure(variant: str, location: str, new_tokens: int, repeats: int) -> dict:
         p, t = statistics.median(prefill), statistics.median(total)
         result[f"prefill_ms_b{batch}"] = round(1000 * p, 1)
         result[f"ms_per_token_b{batch}"] = round(1000 * (t - p) / (new_tokens - 1), 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux keeps that across exec,
+    so a child would report its parent's peak."""
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def measure(variant: str, path: str) -> dict:
@@ -64,7 +73,7 @@ def measure(variant: str, path: str) -> dict:
             run(chunk)
             times.append(time.perf_counter() - start)
         out[f"ms_per_prediction_b{batch}"] = round(1000 * statistics.median(times) / batch, 2)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
