@@ -1,0 +1,65 @@
+"""Service throughput with and without dynamic batching: N concurrent users, one turn each.
+
+    python benchmarks/service.py [--users 8] [--max_new_tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def burst(app, users: int) -> float:
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*[client.post("/v1/chat/completions", json={
+            "model": "pirate", "user": f"user{i}",
+            "messages": [{"role": "user", "content": f"Tell me something about topic number {i}."}]})
+            for i in range(users)])
+        elapsed = time.perf_counter() - start
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    from personaweave.pretrained import has_shipped_checkpoint, load_pretrained_personas
+    from personaweave.service import PersonaService, Storage, create_app
+
+    if has_shipped_checkpoint():
+        model, tok, _ = load_pretrained_personas(with_adapters=False)
+    else:
+        from personaweave import PersonaWeaveForCausalLM
+
+        model, tok = PersonaWeaveForCausalLM.from_base(personas="default")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batching in (False, True):
+            service = PersonaService(model, tok, Storage(f"sqlite:///{tmp}/{batching}.db"), memory=None,
+                                     max_new_tokens=args.max_new_tokens, batching=batching)
+            app = create_app(service)
+            asyncio.run(burst(app, 2))  # warm-up
+            service.batcher.batch_sizes.clear()
+            seconds = asyncio.run(burst(app, args.users))
+            results[batching] = seconds
+            print(json.dumps({"name": "service_burst", "batching": batching, "users": args.users,
+                              "seconds": round(seconds, 2), "requests_per_s": round(args.users / seconds, 2),
+                              "batch_sizes": service.batcher.batch_sizes}), flush=True)
+    print(json.dumps({"name": "service_batching_speedup", "ratio": round(results[False] / results[True], 2)}))
+
+
+if __name__ == "__main__":
+    main()
