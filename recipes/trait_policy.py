@@ -49,6 +49,25 @@ def evaluate(env, act, args) -> dict[str, dict[str, float]]:
     return {"return": summary(returns), "length": summary(lengths)}
 
 
+def plot_curves(curves: dict[str, list[float]], fixed: float, path: str, window: int = 50) -> None:
+    """Training-episode returns (moving average) against the best fixed persona's held-out return."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, returns in curves.items():
+        smooth = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) >= window else returns
+        ax.plot(smooth, label=f"{name.upper()} (moving mean of {window})")
+    ax.axhline(fixed, color="gray", linestyle="--", label="best fixed persona (held-out)")
+    ax.set_xlabel("training episode")
+    ax.set_ylabel("return")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(args: PolicyArguments) -> dict:
     from stable_baselines3 import DQN, PPO
 
@@ -65,11 +84,16 @@ def main(args: PolicyArguments) -> dict:
     best = max(fixed, key=lambda n: fixed[n]["return"]["mean"])
     results["fixed_personas"] = {n: r["return"]["mean"] for n, r in fixed.items()}
     results["best_fixed_persona"] = {"name": best, **fixed[best]}
+    curves = {}
     for algorithm in args.algorithms:
+        from stable_baselines3.common.monitor import Monitor
+
         cls = {"dqn": DQN, "ppo": PPO}[algorithm]
         kwargs = {"exploration_fraction": 0.3, "learning_starts": 1000} if algorithm == "dqn" else {}
-        model = cls("MlpPolicy", ConversationEnv(train_users), seed=args.seed, verbose=0, **kwargs)
+        train_env = Monitor(ConversationEnv(train_users))
+        model = cls("MlpPolicy", train_env, seed=args.seed, verbose=0, **kwargs)
         model.learn(total_timesteps=args.timesteps, progress_bar=False)
+        curves[algorithm] = train_env.get_episode_rewards()
         folder = export_policy(model, os.path.join(args.output_dir, algorithm), algorithm)
         results[algorithm] = evaluate(test_env, load_policy(folder), args)  # the exported, pickle-free policy
         results[algorithm]["vs_best_fixed"] = round(
@@ -77,6 +101,7 @@ def main(args: PolicyArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
+    plot_curves(curves, results["best_fixed_persona"]["return"]["mean"], os.path.join(args.output_dir, "returns.png"))
     print(json.dumps(results, indent=1))
     return results
 
