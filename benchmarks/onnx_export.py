@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from common import peak_rss_mb  # noqa: E402  (benchmarks/common.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = ["What should I read this weekend?", "How do I start running?", "Tell me about the ocean.",
            "Why is the sky blue?", "Can you recommend a hobby?", "What is your favourite food?",
@@ -57,16 +59,6 @@ def prepare(folder: str) -> dict[str, str]:
         "onnx_fp32_stock": os.path.join(folder, "stock", "model.onnx"),
         "onnx_int8_stock": os.path.join(folder, "stock", "model_quantized.onnx"),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux keeps that across exec,
-    so a child would report its parent's peak."""
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def measure(variant: str, location: str, new_tokens: int, repeats: int) -> dict:

@@ -17,21 +17,13 @@ import sys
 import tempfile
 import time
 
+from common import peak_rss_mb  # noqa: E402  (benchmarks/common.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux keeps that across exec,
-    so a child would report its parent's peak."""
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def measure(variant: str, path: str) -> dict:

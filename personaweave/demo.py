@@ -47,7 +47,7 @@ def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = Non
     from . import chat, describe
     from .adapters import blend_sub_personalities, set_sub_personality, sub_personalities
     from .evaluation import master_mode
-    from .generation import generate_replies
+    from .generation import Replies, generate_replies
 
     start = time.perf_counter()
     model, tokenizer, peft = _load(base, model_dir)
@@ -79,16 +79,19 @@ def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = Non
         generate(token_label, token_chats)
         generate("prompt baseline", [describe(bank[p].description, q) for p in shown for q in PROMPTS])
     if peft is not None:
-        texts = []
+        texts, tokens, start = [], 0, time.perf_counter()
         for p in shown:
             if p == name:
                 adapter = blend_sub_personalities(peft, weights, name=f"lora_{name}")
             else:
                 set_sub_personality(peft, p)
-            texts += generate_replies(peft, tokenizer, [chat(p, q, model=model) for q in PROMPTS],
-                                      max_new_tokens=max_new_tokens).texts
+            replies = generate_replies(peft, tokenizer, [chat(p, q, model=model) for q in PROMPTS],
+                                       max_new_tokens=max_new_tokens)
+            texts += replies.texts
+            tokens += replies.new_tokens
         peft.delete_adapter(adapter)
         columns["token + LoRA"] = texts
+        timings["token + LoRA"] = Replies(texts, tokens, time.perf_counter() - start)
     labels = [label for label in (token_label, "token + LoRA", "prompt baseline") if label in columns]
     for i, persona in enumerate(shown):
         print("=" * ((width + 3) * len(labels)))

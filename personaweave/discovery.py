@@ -19,7 +19,6 @@ import numpy as np
 
 from .personas import TRAITS, Persona
 
-
 # sklearn's English stop words lack contractions and fillers, which then top every cluster
 CONTRACTIONS = frozenset("i'm you're it's that's i've don't just i'd i'll can't let's we're they're there's "
                          "what's isn't doesn't didn't won't like really sure oh yes yeah".split())

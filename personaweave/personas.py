@@ -246,13 +246,6 @@ class PersonaBank:
         personas = [Persona.from_dict(p, vectors.get(p["name"])) for p in meta["personas"]]
         return cls(personas, dim=meta.get("dim"))
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> PersonaBank:
-        """Personas without vectors from a JSON list (e.g. the packaged default set)."""
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        return cls([Persona.from_dict(p) for p in data])
-
 
 def describe_blend(weights: Mapping[str, float], descriptions: Optional[Mapping[str, str]] = None) -> str:
     """'a blend of 70% <librarian's description> and 30% <robot's description>'."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -92,6 +91,3 @@ class NanGuard(TrainerCallback):
             control.should_save = False
         return control
 
-
-def trainable_parameters(model: Any) -> Sequence[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
