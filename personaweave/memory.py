@@ -1,7 +1,9 @@
 """Long-term memory: each user's past turns embedded with MiniLM; the most relevant come back.
 
-Exact cosine search over the user's own turns (a user has hundreds, not millions: a matrix
-product is exact and fast). Embeddings are stored with the turns in the database.
+Embeddings are stored with the turns in the database. The top-k search runs in the database
+with pgvector when the database is PostgreSQL with the `vector` extension; otherwise it is an
+exact cosine search in Python over the user's own turns (a user has hundreds, not millions: a
+matrix product is exact and fast). See `Storage.search_memories`.
 """
 
 from __future__ import annotations
@@ -30,13 +32,9 @@ class Memory:
         vectors = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
         return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8, None)
 
-    def recall(self, query: str, texts: Sequence[str], vectors: Optional[np.ndarray]) -> list[str]:
-        """The top-k stored texts most similar to `query` (above `min_similarity`), best first."""
-        if vectors is None or not len(texts):
-            return []
-        sims = vectors @ self.embed([query])[0]
-        order = np.argsort(-sims)[: self.k]
-        return [texts[i] for i in order if sims[i] >= self.min_similarity]
+    def recall(self, query: str, storage: Any, user_id: str) -> list[str]:
+        """The user's top-k stored turns most similar to `query` (above `min_similarity`), best first."""
+        return storage.search_memories(user_id, self.embed([query])[0], self.k, self.min_similarity)
 
     @staticmethod
     def as_context(memories: Sequence[str]) -> Optional[str]:

@@ -14,6 +14,7 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,25 @@ class PPOScriptArguments:
     dataset_dir: Optional[str] = field(default=None, metadata={"help": "Dataset folder (default: shipped)."})
 
 
-def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=None, encoder=None):
+class ComponentLog:
+    """Wraps a combined reward and appends the mean of every component per scoring call to a JSON
+    lines file: TRL logs only the total score, the multi-objective view needs each part."""
+
+    def __init__(self, reward_fn, path: str) -> None:
+        self.reward_fn, self.path, self.calls = reward_fn, path, 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def __call__(self, prompts, replies, personas):
+        total, parts = self.reward_fn(prompts, replies, personas)
+        self.calls += 1
+        row = {"call": self.calls, "total": float(total.mean()), **{k: float(v.mean()) for k, v in parts.items()}}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return total, parts
+
+
+def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=None, encoder=None,
+          log_dir: Optional[str] = None):
     """(policy, tokenizer, value model, reward model, dataset) for PPOTrainer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -59,8 +78,11 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     bank = model.personas
     ctx = RewardContext(encoder=encoder or default_encoder(), classifier=classifier,
                         examples={p.name: p.examples for p in bank})
+    reward_fn = combined_reward(script.reward_weights, ctx)
+    if log_dir:
+        reward_fn = ComponentLog(reward_fn, os.path.join(log_dir, "reward_components.jsonl"))
     reward_model = CombinedRewardModel(
-        CombinedRewardConfig(), reward_fn=combined_reward(script.reward_weights, ctx), tokenizer=tokenizer,
+        CombinedRewardConfig(), reward_fn=reward_fn, tokenizer=tokenizer,
         persona_token_ids=dict(zip(model.config.persona_names, model.config.persona_token_ids)))
     value_model = AutoModelForSequenceClassification.from_config(
         _value_config(model.config.text_config))
@@ -93,7 +115,7 @@ def _value_config(text_config):
 
 
 def main(script: PPOScriptArguments, args: PPOConfig, **built):
-    model, tokenizer, value_model, reward_model, dataset = build(script, **built)
+    model, tokenizer, value_model, reward_model, dataset = build(script, log_dir=args.output_dir, **built)
     args.stop_token = "eos"
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
                          reward_model=reward_model, train_dataset=dataset, value_model=value_model,
@@ -101,6 +123,8 @@ def main(script: PPOScriptArguments, args: PPOConfig, **built):
     trainer.train()
     final = os.path.join(args.output_dir, "final")
     trainer.save_model(final)
+    with open(os.path.join(args.output_dir, "log_history.json"), "w", encoding="utf-8") as handle:
+        json.dump(trainer.state.log_history, handle, indent=1)
     return final, trainer
 
 

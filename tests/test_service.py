@@ -8,19 +8,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from personaweave.memory import Memory  # noqa: E402
 from personaweave.service import PersonaService, Storage, create_app  # noqa: E402
-from personaweave.testing import tiny_persona_model  # noqa: E402
+from personaweave.testing import serve_in_thread, tiny_persona_model  # noqa: E402
 
 
 @pytest.fixture
@@ -119,16 +117,8 @@ def free_port() -> int:
 
 def test_openai_client_against_a_running_server(service):
     openai = pytest.importorskip("openai")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    with serve_in_thread(create_app(service)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
         reply = client.chat.completions.create(model="robot", messages=[{"role": "user", "content": "hello"}],
                                                user="oa")
         assert reply.choices[0].message.role == "assistant"
@@ -139,9 +129,6 @@ def test_openai_client_against_a_running_server(service):
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "hi"}])
         assert service.storage.count_turns("oa") == 4
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.mark.slow

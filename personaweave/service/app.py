@@ -123,9 +123,9 @@ class PersonaService:
             history = [m.model_dump() for m in request.messages[:-1] if m.role != "system"]
         context = None
         if self.memory is not None and request.user:
-            texts, vectors = self.storage.user_memories(request.user)
             recent = {t["content"] for t in history}
-            context = Memory.as_context([m for m in self.memory.recall(last, texts, vectors) if m not in recent])
+            recalled = self.memory.recall(last, self.storage, request.user)
+            context = Memory.as_context([m for m in recalled if m not in recent])
         return chat(persona, last, history, model=self.model, context=context), last
 
     def persist(self, user: Optional[str], persona: str, message: str, reply: str) -> None:

@@ -1,18 +1,30 @@
 """Per-user state and conversation turns in a real database (SQLAlchemy).
 
 SQLite in WAL mode is the embedded default (a committed transaction survives a killed process);
-any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db.
+any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db. On PostgreSQL with the pgvector
+extension available, turn embeddings are also kept in a `vector` column and the memory search
+runs in the database (`<=>`, cosine distance); without it, memories are searched exactly in Python.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select
+from sqlalchemy import (ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select,
+                        text)
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+logger = logging.getLogger(__name__)
+
+
+def _vector_literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in np.asarray(vector, np.float32).ravel()) + "]"
 
 
 class Base(DeclarativeBase):
@@ -49,6 +61,18 @@ class Storage:
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
         Base.metadata.create_all(self.engine)
+        self.pgvector = self.engine.dialect.name == "postgresql" and self._enable_pgvector()
+
+    def _enable_pgvector(self) -> bool:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+                conn.execute(text("ALTER TABLE turns ADD COLUMN IF NOT EXISTS embedding_vec vector"))
+            return True
+        except SQLAlchemyError as err:
+            logger.warning("pgvector is not available (%s); memories are searched exactly in Python.",
+                           str(err.orig if hasattr(err, "orig") else err).splitlines()[0])
+            return False
 
     def state(self, user_id: str) -> Optional[dict[str, Any]]:
         with Session(self.engine) as session:
@@ -75,7 +99,12 @@ class Storage:
                 row.state, row.updated = json.dumps(state), time.time()
             for role, content, persona, vector in turns:
                 blob = None if vector is None else np.asarray(vector, np.float32).tobytes()
-                session.add(TurnRow(user_id=user_id, role=role, content=content, persona=persona, embedding=blob))
+                row = TurnRow(user_id=user_id, role=role, content=content, persona=persona, embedding=blob)
+                session.add(row)
+                if self.pgvector and vector is not None:
+                    session.flush()
+                    session.execute(text("UPDATE turns SET embedding_vec = CAST(:v AS vector) WHERE id = :id"),
+                                    {"v": _vector_literal(vector), "id": row.id})
 
     def history(self, user_id: str, limit: Optional[int] = None) -> list[dict[str, Any]]:
         with Session(self.engine) as session:
@@ -95,6 +124,21 @@ class Storage:
             if not rows:
                 return [], None
             return [r.content for r in rows], np.stack([np.frombuffer(r.embedding, np.float32) for r in rows])
+
+    def search_memories(self, user_id: str, vector: np.ndarray, k: int, min_similarity: float) -> list[str]:
+        """The user's own past turns closest to `vector` (unit length) by cosine, best first."""
+        if self.pgvector:
+            sql = text("SELECT content, 1 - (embedding_vec <=> CAST(:q AS vector)) FROM turns "
+                       "WHERE user_id = :u AND role = 'user' AND embedding_vec IS NOT NULL "
+                       "ORDER BY embedding_vec <=> CAST(:q AS vector) LIMIT :k")
+            with self.engine.connect() as conn:
+                rows = conn.execute(sql, {"q": _vector_literal(vector), "u": user_id, "k": k}).all()
+            return [content for content, sim in rows if sim >= min_similarity]
+        texts, vectors = self.user_memories(user_id)
+        if vectors is None:
+            return []
+        sims = vectors @ np.asarray(vector, np.float32)
+        return [texts[i] for i in np.argsort(-sims)[:k] if sims[i] >= min_similarity]
 
     def delete_user(self, user_id: str) -> bool:
         with Session(self.engine) as session, session.begin():
