@@ -11,7 +11,8 @@ from typing import Optional
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) from --model DIR (a saved PersonaWeave folder) or --base (a fresh build)."""
+    """(model, tokenizer) from --model DIR (a saved PersonaWeave folder), --base (a fresh build with an
+    untrained persona layer), or by default the shipped trained personas on the shipped SmolLM2."""
     from transformers import AutoTokenizer
 
     from . import PersonaWeaveForCausalLM
@@ -22,7 +23,13 @@ def _load(args: argparse.Namespace):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         tokenizer.padding_side = "left"
         return model, tokenizer
-    return PersonaWeaveForCausalLM.from_base(args.base, personas="default")
+    if getattr(args, "base", None) is None:
+        from .pretrained import has_shipped_checkpoint, load_pretrained_personas
+
+        if has_shipped_checkpoint():
+            model, tokenizer, _ = load_pretrained_personas(with_adapters=False)
+            return model.eval(), tokenizer
+    return PersonaWeaveForCausalLM.from_base(args.base or "smollm2-135m-instruct", personas="default")
 
 
 def _require_model_folder(path: str) -> None:
@@ -102,7 +109,7 @@ def _parse_weights(items: Sequence[str]) -> dict[str, float]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(base=args.base, model_dir=args.model, max_new_tokens=args.max_new_tokens)
+    run_demo(base=args.base or "smollm2-135m-instruct", model_dir=args.model, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -232,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--base", default="smollm2-135m-instruct",
-                       help="zoo name, local folder or Hub id of the base LM (default: the shipped SmolLM2)")
+        p.add_argument("--base", help="zoo name, local folder or Hub id of a base LM: a fresh build with an "
+                       "untrained persona layer (default: the shipped trained personas on SmolLM2)")
         p.add_argument("--model", help="a saved PersonaWeave model folder (instead of --base)")
         p.add_argument("--max-new-tokens", type=int, default=48)
 

@@ -32,10 +32,7 @@ def tiny_dataset(path):
 
 def test_ppo_runs_and_trains_only_the_lora_adapter(tmp_path, hash_encoder):
     pytest.importorskip("trl.experimental.ppo")
-    spec = importlib.util.spec_from_file_location("ppo_recipe", ROOT / "recipes" / "ppo.py")
-    ppo = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = ppo
-    spec.loader.exec_module(ppo)
+    ppo = load_recipe("ppo")
     from trl.experimental.ppo import PPOConfig
 
     from personaweave.testing import tiny_persona_model
@@ -60,3 +57,42 @@ def test_ppo_runs_and_trains_only_the_lora_adapter(tmp_path, hash_encoder):
         if current is not None and current.shape == value.shape:
             assert torch.equal(current.detach(), value)
     assert any("objective/scores" in h for h in trainer.state.log_history)
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ppo_eval_kl_is_zero_for_an_untouched_adapter_and_positive_after(hash_encoder):
+    from peft import get_peft_model
+
+    from personaweave.adapters import lora_config
+    from personaweave.rewards import RewardContext
+    from personaweave.testing import tiny_persona_model
+
+    evaluation = load_recipe("ppo_eval")
+    model, tok = tiny_persona_model()
+    tok.padding_side = "left"
+    policy = get_peft_model(model, lora_config(r=4, dropout=0.0)).eval()
+    ctx = RewardContext(encoder=hash_encoder, classifier=UniformClassifier(),
+                        examples={p.name: p.examples or ["ok"] for p in model.personas})
+    prompts, neutral = ["hello what", "why is the sea good ?"], ["the sea is good"]
+    args = (policy, tok, model, UniformClassifier(), ctx, prompts, neutral, 0)
+    before = evaluation.evaluate(*args, reference=True)
+    untouched = evaluation.evaluate(*args, reference=False)
+    assert before["kl_to_reference"] == 0.0 and abs(untouched["kl_to_reference"]) < 1e-5  # LoRA B = 0
+    assert untouched["perplexity_neutral"] == pytest.approx(before["perplexity_neutral"], rel=1e-5)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    moved = evaluation.evaluate(*args, reference=False)
+    assert moved["kl_to_reference"] > 0.01
+    assert moved["perplexity_neutral"] != pytest.approx(before["perplexity_neutral"], rel=1e-3)
+    for key in ("persona_accuracy", "combined_reward", "goal", "classifier_confidence", "example_similarity",
+                "distinct_2"):
+        assert key in moved

@@ -1,0 +1,112 @@
+"""Before/after table for the PPO policy, on held-out test prompts with the same seeds.
+
+"before" is the starting policy (the master, PPO adapter disabled: the PPO reference); "after" is
+the master with the PPO LoRA adapter. For each: persona accuracy (the evaluation classifier), every
+reward component, KL to the reference, distinct-2, and perplexity on neutral text.
+
+KL is the sample estimate PPO itself uses: the mean over replies of the sum, over reply tokens, of
+log pi(token) - log pi_ref(token), for replies sampled from the policy being measured (0 for the
+reference itself).
+
+Usage:
+    python recipes/ppo_eval.py --model outputs/sft_persona/final --adapter outputs/ppo/final \
+        --output outputs/ppo/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+
+from personaweave import chat
+from personaweave.evaluation import (PersonaClassifier, distinct_n, master_mode, perplexity, replies_for,
+                                     save_json)
+from personaweave.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
+
+
+@torch.no_grad()
+def sequence_kl(policy: Any, tokenizer: Any, conversations: list, replies: list[str]) -> float:
+    """Mean over replies of sum_t [log pi(y_t) - log pi_ref(y_t)] (pi_ref = adapters disabled)."""
+    totals = []
+    for conversation, reply in zip(conversations, replies):
+        prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        answer = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        if not answer:
+            totals.append(0.0)
+            continue
+        ids = torch.tensor([prompt + answer])
+        positions = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+        target = ids[0, len(prompt):]
+
+        def logprobs():
+            logits = policy(input_ids=ids).logits[0, positions].float()
+            return torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
+
+        current = logprobs()
+        with master_mode(policy):
+            reference = logprobs()
+        totals.append(float((current - reference).sum()))
+    return float(np.mean(totals))
+
+
+def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassifier, ctx: RewardContext,
+             prompts: list[str], neutral: list[str], seed: int, reference: bool) -> dict[str, Any]:
+    personas = [p for p in model.config.persona_names if p in classifier.labels]
+    rows = [(p, q) for p in personas for q in prompts]
+    conversations = [chat(p, q, model=model) for p, q in rows]
+    with master_mode(policy) if reference else torch.no_grad():
+        replies = replies_for(policy, tokenizer, conversations, seed=seed, max_new_tokens=48)
+        ppl = perplexity(policy, tokenizer, neutral)
+    parts = reward_components([q for _, q in rows], replies, [p for p, _ in rows], ctx)
+    probs = classifier.predict_proba(replies)
+    hits = [classifier.labels[i] == p for i, (p, _) in zip(probs.argmax(-1), rows)]
+    total = sum(w * parts[k] for k, w in DEFAULT_WEIGHTS.items())
+    out = {"persona_accuracy": float(np.mean(hits)), "combined_reward": float(total.mean()),
+           **{k: float(v.mean()) for k, v in parts.items()}, "distinct_2": distinct_n(replies, 2),
+           "mean_words": float(np.mean([len(r.split()) for r in replies])), "perplexity_neutral": ppl,
+           "kl_to_reference": 0.0 if reference else sequence_kl(policy, tokenizer, conversations, replies),
+           "per_persona_accuracy": {p: float(np.mean([h for h, (q, _) in zip(hits, rows) if q == p]))
+                                    for p in personas}}
+    out["examples"] = [{"persona": p, "prompt": q, "reply": r} for (p, q), r in list(zip(rows, replies))[::25]]
+    return out
+
+
+def main() -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from personaweave import PersonaWeaveForCausalLM
+    from personaweave.data import load_persona_dialogues
+    from personaweave.zoo import default_encoder
+
+    parser = argparse.ArgumentParser(description="Before/after PPO evaluation on held-out prompts.")
+    parser.add_argument("--model", default="outputs/sft_persona/final")
+    parser.add_argument("--adapter", default="outputs/ppo/final")
+    parser.add_argument("--classifier", default="outputs/persona_classifier")
+    parser.add_argument("--num_prompts", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="outputs/ppo/eval.json")
+    args = parser.parse_args()
+
+    model = PersonaWeaveForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    policy = PeftModel.from_pretrained(model, args.adapter).eval()
+    classifier = PersonaClassifier.from_pretrained(args.classifier)
+    ctx = RewardContext(encoder=default_encoder(), classifier=classifier,
+                        examples={p.name: p.examples for p in model.personas})
+    test = sorted(set(load_persona_dialogues("test")["prompt"]))
+    prompts = test[: args.num_prompts]
+    results = {"num_prompts": len(prompts), "seed": args.seed, "adapter": args.adapter}
+    for name, reference in (("before", True), ("after", False)):
+        print(f"evaluating {name} PPO")
+        results[name] = evaluate(policy, tokenizer, model, classifier, ctx, prompts, test, args.seed, reference)
+        print({k: v for k, v in results[name].items() if not isinstance(v, (dict, list))})
+    save_json(results, args.output)
+
+
+if __name__ == "__main__":
+    main()
