@@ -28,6 +28,8 @@ AutoModel.register(PersonaTraitConfig, PersonaTraitModel, exist_ok=True)
 PersonaWeaveConfig.register_for_auto_class()
 PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+PersonaTraitConfig.register_for_auto_class()
+PersonaTraitModel.register_for_auto_class("AutoModel")
 
 
 def add_persona_tokens(tokenizer, model) -> list[str]:

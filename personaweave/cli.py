@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", choices=["onnx"])
     p.add_argument("model", help="a saved PersonaWeave model folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--task", default="text-generation-with-past")
+    p.add_argument("--task", help="default: from the folder (PersonaWeave LM: text-generation-with-past, "
+                   "trait model: feature-extraction, persona classifier: text-classification)")
     p.add_argument("--quantize", choices=["int8"])
     p.set_defaults(func=cmd_export)
 

@@ -21,7 +21,8 @@ import tempfile
 from typing import Any, Optional
 
 SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
-# The persona classifier and the trait model are ordinary encoders: Optimum exports them as they are.
+# The persona classifier is an ordinary encoder: Optimum exports it as it is. The trait model
+# (model_type personaweave_traits) goes through feature-extraction with its own OnnxConfig.
 ENCODER_TASKS = ("text-classification", "feature-extraction")
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_quantized.onnx"
@@ -41,6 +42,59 @@ def _onnx_config_class():
         NORMALIZED_CONFIG_CLASS = PersonaWeaveNormalizedConfig
 
     return PersonaWeaveOnnxConfig
+
+
+def _trait_onnx_config_class():
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from optimum.utils.normalized_config import NormalizedTextConfig
+
+    class TraitNormalizedConfig(NormalizedTextConfig):
+        """Reads vocabulary and sizes from the nested encoder_config."""
+
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(getattr(config, "encoder_config", config), **kwargs)
+
+    class PersonaTraitOnnxConfig(BertOnnxConfig):
+        """Encoder inputs; the two heads' outputs (the graph includes pooling and sigmoids)."""
+
+        NORMALIZED_CONFIG_CLASS = TraitNormalizedConfig
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            return {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                    "attention_mask": {0: "batch_size", 1: "sequence_length"}}
+
+        @property
+        def outputs(self) -> dict[str, dict[int, str]]:
+            return {"traits": {0: "batch_size"}, "engagement": {0: "batch_size"}}
+
+    return PersonaTraitOnnxConfig
+
+
+def _model_type(model_dir: str) -> Optional[str]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json).")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type")
+
+
+def _export_trait_model(model_dir: str, out: str, opset: Optional[int]) -> None:
+    """Re-save with remote code (Optimum infers the library from the class's module), reload in eager
+    attention (SDPA's all-ones-mask shortcut would be traced as a constant and break padded batches),
+    then export."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from .traits import PersonaTraitModel
+
+    with tempfile.TemporaryDirectory() as src:
+        PersonaTraitModel.from_pretrained(model_dir).save_pretrained(src)
+        model = AutoModel.from_pretrained(src, trust_remote_code=True, attn_implementation="eager").eval()
+        onnx_config = _trait_onnx_config_class()(model.config, task="feature-extraction")
+        onnx_export_from_model(model, out, task="feature-extraction", library_name="transformers",
+                               custom_onnx_configs={"model": onnx_config}, opset=opset, no_post_process=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 
 
 def check_model_folder(model_dir: str) -> dict[str, Any]:
@@ -76,7 +130,22 @@ def cpu_quantization_config(per_channel: bool = True):
     return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel)
 
 
-def export_onnx(model_dir: str, output_dir: str, task: str = "text-generation-with-past",
+def default_task(model_dir: str) -> str:
+    """The export task a folder implies: LM, trait model, or sequence classifier."""
+    model_type = _model_type(model_dir)
+    if model_type == "personaweave_traits":
+        return "feature-extraction"
+    if model_type == "personaweave":
+        return "text-generation-with-past"
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
+        architectures = json.load(handle).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    raise ValueError(f"{model_dir} holds a {model_type!r} model, not a PersonaWeave model, trait model or "
+                     f"sequence classifier; pass task= (one of {list(SUPPORTED_TASKS + ENCODER_TASKS)}).")
+
+
+def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
                 quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None) -> str:
     """Export a saved PersonaWeave folder to ONNX (and int8 beside it); returns `output_dir`.
 
@@ -84,19 +153,23 @@ def export_onnx(model_dir: str, output_dir: str, task: str = "text-generation-wi
     """
     from optimum.exporters.onnx import main_export
 
+    task = task or default_task(model_dir)
     if task not in SUPPORTED_TASKS + ENCODER_TASKS:
         raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS + ENCODER_TASKS)}.")
     if quantize not in (None, "int8"):
         raise ValueError(f"Unsupported quantization {quantize!r}; supported: 'int8'.")
     encoder = task in ENCODER_TASKS
-    if encoder and not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"{model_dir} is not a model folder (no config.json).")
+    traits = encoder and _model_type(model_dir) == "personaweave_traits"
+    if traits and task != "feature-extraction":
+        raise ValueError("A trait model exports with task 'feature-extraction' (traits + engagement outputs).")
     config = None if encoder else check_model_folder(model_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
     try:
-        if encoder:
+        if traits:
+            _export_trait_model(model_dir, tmp, opset)
+        elif encoder:
             main_export(model_dir, tmp, task=task, opset=opset)
         else:
             from transformers import AutoConfig

@@ -67,9 +67,15 @@ class PersonaTraitModel(PreTrainedModel):
     @classmethod
     def from_encoder(cls, path: Optional[str] = None) -> PersonaTraitModel:
         """A trait model on pretrained encoder weights (default: the shipped MiniLM), heads untrained."""
-        from .zoo import minilm_path
-
-        encoder = AutoModel.from_pretrained(path or minilm_path())
+        if path is None:
+            # absolute import inside try: this file is also saved as remote code, which must load
+            # without personaweave installed (transformers skips imports guarded by try/except)
+            try:
+                from personaweave.zoo import minilm_path
+            except ImportError as err:
+                raise ValueError("Pass the encoder folder: the shipped MiniLM needs personaweave.") from err
+            path = minilm_path()
+        encoder = AutoModel.from_pretrained(path)
         return cls(PersonaTraitConfig(encoder_config=encoder.config), encoder=encoder)
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -49,6 +49,19 @@ def evaluate(env, act, args) -> dict[str, dict[str, float]]:
     return {"return": summary(returns), "length": summary(lengths)}
 
 
+def oracle_policy(env: ConversationEnv):
+    """Moves the trait furthest from the (hidden) user preference towards it: an upper bound."""
+    from personaweave.adaptation.env import DELTAS
+
+    def act(obs: np.ndarray) -> int:
+        gap = env.user - env.traits
+        trait = int(np.argmax(np.abs(gap)))
+        delta = min(DELTAS, key=lambda d: abs(gap[trait] - d))
+        return trait * len(DELTAS) + DELTAS.index(delta)
+
+    return act
+
+
 def plot_curves(curves: dict[str, list[float]], fixed: float, path: str, window: int = 50) -> None:
     """Training-episode returns (moving average) against the best fixed persona's held-out return."""
     import matplotlib
@@ -84,6 +97,10 @@ def main(args: PolicyArguments) -> dict:
     best = max(fixed, key=lambda n: fixed[n]["return"]["mean"])
     results["fixed_personas"] = {n: r["return"]["mean"] for n, r in fixed.items()}
     results["best_fixed_persona"] = {"name": best, **fixed[best]}
+    # Two reference points that are not the target's baseline but bound it: holding the neutral
+    # start traits (0.5 everywhere) and an oracle that sees the user's hidden preferences.
+    results["hold_start_traits"] = evaluate(test_env, lambda obs: 2, args)
+    results["oracle_ceiling"] = evaluate(test_env, oracle_policy(test_env), args)
     curves = {}
     for algorithm in args.algorithms:
         from stable_baselines3.common.monitor import Monitor

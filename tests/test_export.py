@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_modeling import encode
@@ -105,3 +106,33 @@ def test_classifier_export(tmp_path):
     ort = ORTModelForSequenceClassification.from_pretrained(tmp_path / "clf_onnx")
     enc = tok(["hello what should i read ?"], return_tensors="pt")
     torch.testing.assert_close(ort(**enc).logits, clf(**enc).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_trait_model_exports_with_its_heads_and_the_torch_free_predictor_matches(tmp_path):
+    from transformers import BertConfig
+
+    from personaweave import PersonaTraitConfig, PersonaTraitModel
+    from personaweave.lite import OnnxTraitModel
+    from personaweave.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = PersonaTraitModel(PersonaTraitConfig(encoder_config=BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))).eval()
+    model.save_pretrained(tmp_path / "traits")
+    tok.save_pretrained(tmp_path / "traits")
+    main(["export", "onnx", str(tmp_path / "traits"), "--out", str(tmp_path / "traits_onnx"), "--quantize", "int8"])
+    texts = ["hello what should i read ?", "why is the sea good ?", "hello"]
+    from transformers import AutoTokenizer
+
+    expected = model.predict_traits(texts, AutoTokenizer.from_pretrained(tmp_path / "traits"))  # as saved
+    for file_name, tol in (("model.onnx", 1e-5), ("model_quantized.onnx", 0.05)):
+        lite = OnnxTraitModel.from_pretrained(str(tmp_path / "traits_onnx"), file_name=file_name)
+        got = lite.predict_traits(texts)
+        assert list(got[0]) == list(expected[0])  # the ten trait names, in order
+        np.testing.assert_allclose([list(g.values()) for g in got], [list(e.values()) for e in expected], atol=tol)
+    with pytest.raises(ValueError, match="feature-extraction"):
+        export_onnx(str(tmp_path / "traits"), str(tmp_path / "bad"), task="text-classification")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match="No model.onnx"):
+        OnnxTraitModel.from_pretrained(str(tmp_path / "traits"))  # the PyTorch folder
