@@ -172,3 +172,59 @@ def test_kill_9_keeps_every_acknowledged_turn(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_ab_experiment_assigns_records_feedback_and_survives_a_restart(tmp_path, hash_encoder):
+    from personaweave.adaptation.abtest import assign
+
+    model, tok = tiny_persona_model()
+    variants = {"pirate": 0.5, "robot": 0.5}
+    make = lambda: PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/ab.sqlite"),  # noqa: E731
+                                  memory=Memory(hash_encoder), max_new_tokens=4, experiment=variants)
+    client = TestClient(create_app(make()))
+    assert "ab" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    users = [f"ab{i}" for i in range(12)]
+    for i, user in enumerate(users):
+        reply = client.post("/v1/chat/completions", json=body(model="ab", user=user)).json()
+        assert reply["system_fingerprint"] == assign(user, "persona-ab", variants)  # deterministic, by hash
+        client.post("/v1/feedback", json={"user": user, "rating": "up" if i % 3 else "down"})
+    client.post("/v1/chat/completions", json=body(model="pirate", user="outsider"))  # not in the experiment
+    client.post("/v1/feedback", json={"user": "outsider", "rating": "up"})
+    report = client.get("/v1/experiments/persona-ab").json()
+    assert sum(report["outcomes"].values()) == 12 and 0 <= report["p_value"] <= 1
+    state = client.get(f"/v1/users/{users[0]}").json()["state"]
+    assert state["ab"] == {"experiment": "persona-ab", "variant": assign(users[0], "persona-ab", variants),
+                           "outcomes": [0.0]}
+    restarted = TestClient(create_app(make()))  # outcomes are rebuilt from the database
+    assert restarted.get("/v1/experiments/persona-ab").json()["outcomes"] == report["outcomes"]
+    assert restarted.get("/v1/experiments/other").status_code == 404
+    no_user = restarted.post("/v1/chat/completions", json=body(model="ab"))
+    assert no_user.status_code == 400 and "user" in no_user.json()["error"]["message"]
+    plain = TestClient(create_app(PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/p.sqlite"))))
+    assert "--ab-test" in plain.post("/v1/chat/completions", json=body(model="ab", user="x")).json()["error"]["message"]
+    with pytest.raises(ValueError, match="not personas"):
+        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/q.sqlite"), experiment={"ghost": 1.0})
+
+
+def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_encoder):
+    from personaweave.adaptation.adapter import PersonaAdapter
+
+    model, tok = tiny_persona_model()
+    seen = []
+
+    def policy(observation):
+        seen.append(observation[7])  # negative_feedback signal
+        return 5 * 5 + 4  # humor +0.2
+
+    make = lambda: PersonaService(  # noqa: E731
+        model.eval(), tok, Storage(f"sqlite:///{tmp_path}/auto.sqlite"), memory=Memory(hash_encoder),
+        max_new_tokens=4, adapter=PersonaAdapter(model, tok, policy=policy))
+    client = TestClient(create_app(make()))
+    client.post("/v1/chat/completions", json=body(model="auto", user="ann"))
+    client.post("/v1/feedback", json={"user": "ann", "rating": "down"})
+    client.post("/v1/chat/completions", json=body(model="auto", user="ann"))
+    assert seen == [0.0, 1.0]  # the thumbs-down arrived as the next turn's negative feedback
+    traits = client.get("/v1/users/ann").json()["state"]["traits"]
+    assert traits[5] == pytest.approx(0.7, abs=1e-3)  # humor 0.5 -> 0.6 -> 0.7 (half of +0.2 per turn)
+    restarted = make()
+    assert restarted.adapter.states["ann"][5] == pytest.approx(0.7, abs=1e-3)

@@ -41,6 +41,19 @@ class PersonaAdapter:
         self.smoothing = smoothing
         self.start = np.full(len(TRAITS), 0.5, np.float32) if start_traits is None else np.asarray(start_traits)
         self.states: dict[str, np.ndarray] = {}
+        self.pending_feedback: dict[str, bool] = {}
+
+    def restore(self, user_id: str, traits: Any) -> None:
+        """Resume a user's trait state (e.g. from the service's database after a restart)."""
+        values = np.asarray(traits, dtype=np.float32)
+        if values.shape != (len(TRAITS),) or not np.isfinite(values).all():
+            raise ValueError(f"A trait state is {len(TRAITS)} finite values, got shape {values.shape}.")
+        self.states[user_id] = np.clip(values, 0.0, 1.0)
+
+    def feedback(self, user_id: str, negative: bool) -> None:
+        """Explicit feedback (thumbs down, blocking) reaches the policy as the next turn's
+        negative-feedback signal."""
+        self.pending_feedback[user_id] = self.pending_feedback.get(user_id, False) or bool(negative)
 
     @staticmethod
     def persona_name(user_id: str) -> str:
@@ -49,7 +62,10 @@ class PersonaAdapter:
     def step(self, user_id: str, user_message: str, latency_s: Optional[float] = None) -> str:
         """Update the user's traits from this turn and return the persona to answer with."""
         state = self.states.get(user_id, self.start.copy())
-        observation = np.concatenate([extract_signals(user_message, latency_s).vector(), state]).astype(np.float32)
+        signals = extract_signals(user_message, latency_s)
+        if self.pending_feedback.pop(user_id, False):
+            signals.negative_feedback = 1.0
+        observation = np.concatenate([signals.vector(), state]).astype(np.float32)
         trait, delta = ConversationEnv.decode(int(self.policy(observation)))
         target = state.copy()
         target[trait] = np.clip(target[trait] + delta, 0.0, 1.0)

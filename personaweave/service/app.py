@@ -1,10 +1,18 @@
 """The personality service: an OpenAI-compatible chat API over a PersonaWeave model.
 
-POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0.7,robot=0.3") or
-                           "auto" (the adaptation engine picks the blend); `user` = the user id
+POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0.7,robot=0.3"),
+                           "auto" (the adaptation engine picks the blend) or "ab" (the persona A/B
+                           experiment assigns a variant); `user` = the user id
 GET  /v1/models            the personas
 GET/DELETE /v1/users/{id}  a user's state and turns
-POST /v1/feedback          thumbs up/down and blocking, kept in the user's state
+POST /v1/feedback          thumbs up/down and blocking: kept in the user's state, passed to the
+                           adaptation engine (next turn's negative-feedback signal) and recorded as
+                           an outcome of the user's A/B variant (up = 1, down = 0)
+GET  /v1/experiments/{name} the A/B experiment's outcomes and test (two-proportion z, P(B > A))
+
+Per-user state in the database: persona, turn count, the adaptive trait state, the A/B
+assignment and its outcomes, feedback counts. The adaptive trait states and A/B outcomes are
+rebuilt from it when the server restarts.
 
 A reply is acknowledged only after the user's turn, the reply and the new state are committed
 in one transaction; one user's requests are serialised so no turn is lost.
@@ -19,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Request
@@ -26,12 +35,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from ..adaptation.abtest import ABTest
 from ..chat import chat
 from ..memory import Memory
 from .batching import DynamicBatcher
 from .storage import Storage
 
 MAX_MESSAGE_CHARS = 4000
+EXPERIMENT = "persona-ab"
 
 
 class Message(BaseModel):
@@ -63,13 +74,34 @@ class PersonaService:
 
     def __init__(self, model: Any, tokenizer: Any, storage: Storage, memory: Optional[Memory] = None,
                  adapter: Any = None, max_new_tokens: int = 64, batching: bool = True, max_batch: int = 8,
-                 max_wait_ms: float = 10.0, history_turns: int = 6) -> None:
+                 max_wait_ms: float = 10.0, history_turns: int = 6,
+                 experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT) -> None:
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.memory, self.adapter = memory, adapter
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
         self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms)
         self.user_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.model_lock = threading.Lock()  # bank edits and generation do not interleave
+        self.abtest, self.experiment_name = None, experiment_name
+        if experiment is not None:
+            unknown = [v for v in experiment if v not in model.config.persona_names]
+            if unknown:
+                raise ValueError(f"A/B variants {unknown} are not personas of the model.")
+            self.abtest = ABTest()
+            self.abtest.create(experiment_name, experiment)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Adaptive trait states and A/B outcomes back from the database (after a restart)."""
+        if self.adapter is None and self.abtest is None:
+            return
+        for user, state in self.storage.iter_states():
+            if self.adapter is not None and state.get("traits") is not None:
+                self.adapter.restore(user, state["traits"])
+            ab = state.get("ab") or {}
+            if self.abtest is not None and ab.get("experiment") == self.experiment_name:
+                for outcome in ab.get("outcomes", []):
+                    self.abtest.record(self.experiment_name, user, outcome)
 
     # -- persona resolution -----------------------------------------------------------------
     def resolve(self, spec: str, user: Optional[str], message: str) -> str:
@@ -80,6 +112,13 @@ class PersonaService:
                                          "started without.")
             with self.model_lock:
                 return self.adapter.step(user or "anonymous", message)
+        if spec == "ab":
+            if self.abtest is None:
+                raise HTTPException(400, "model 'ab' needs an A/B experiment, which this server was started "
+                                         "without (--ab-test).")
+            if not user:
+                raise HTTPException(400, "model 'ab' needs a `user`: the assignment is per user.")
+            return self.abtest.assign(self.experiment_name, user)
         if spec.startswith("blend:"):
             weights = {}
             for part in spec[len("blend:"):].split(","):
@@ -128,12 +167,16 @@ class PersonaService:
             context = Memory.as_context([m for m in recalled if m not in recent])
         return chat(persona, last, history, model=self.model, context=context), last
 
-    def persist(self, user: Optional[str], persona: str, message: str, reply: str) -> None:
+    def persist(self, user: Optional[str], persona: str, message: str, reply: str, spec: str = "") -> None:
         if not user:
             return
         vector = self.memory.embed([message])[0] if self.memory is not None else None
         state = self.storage.state(user) or {}
         state.update(persona=persona, turns=state.get("turns", 0) + 1)
+        if self.adapter is not None and user in self.adapter.states:
+            state["traits"] = [round(float(x), 4) for x in self.adapter.states[user]]
+        if spec == "ab":
+            state.setdefault("ab", {"experiment": self.experiment_name, "outcomes": []})["variant"] = persona
         self.storage.add_exchange(user, state, [("user", message, persona, vector), ("assistant", reply, persona, None)])
 
 
@@ -166,8 +209,9 @@ def create_app(service: PersonaService) -> FastAPI:
         bank = service.model.personas
         data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "personaweave",
                  "description": p.description} for p in bank]
-        return {"object": "list", "data": data + [{"id": "auto", "object": "model", "created": 0,
-                                                   "owned_by": "personaweave"}]}
+        extra = ["auto"] + (["ab"] if service.abtest is not None else [])
+        return {"object": "list", "data": data + [{"id": name, "object": "model", "created": 0,
+                                                   "owned_by": "personaweave"} for name in extra]}
 
     @app.post("/v1/chat/completions")
     async def completions(request: ChatRequest):
@@ -184,7 +228,7 @@ def create_app(service: PersonaService) -> FastAPI:
             persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
             conversation, message = await asyncio.to_thread(service.conversation, persona, request)
             reply = await service.batcher.submit(conversation)
-            await asyncio.to_thread(service.persist, request.user, persona, message, reply)
+            await asyncio.to_thread(service.persist, request.user, persona, message, reply, request.model)
         prompt_tokens = len(service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
         return _completion(persona, request.model, reply, prompt_tokens, len(service.tokenizer(reply)["input_ids"]))
 
@@ -210,8 +254,26 @@ def create_app(service: PersonaService) -> FastAPI:
             if item.rating:
                 log[item.rating] += 1
             log["blocked"] = log["blocked"] or item.blocked
+            ab = state.get("ab")
+            if item.rating and ab and service.abtest is not None and ab.get("experiment") == service.experiment_name:
+                outcome = 1.0 if item.rating == "up" else 0.0
+                ab["outcomes"].append(outcome)
+                service.abtest.record(service.experiment_name, item.user, outcome)
+            if service.adapter is not None:
+                service.adapter.feedback(item.user, negative=item.rating == "down" or item.blocked)
             await asyncio.to_thread(service.storage.save_state, item.user, state)
         return {"user": item.user, "feedback": log}
+
+    @app.get("/v1/experiments/{name}")
+    async def experiment(name: str):
+        if service.abtest is None or name != service.experiment_name:
+            raise HTTPException(404, f"Unknown experiment {name!r}.")
+        log = service.abtest.experiments[name]
+        control, treatment = list(log.variants)[:2]
+        report = service.abtest.analyse(name, control, treatment) if all(log.outcomes.values()) else {}
+        return {"experiment": name, "variants": log.variants, "control": control, "treatment": treatment,
+                "outcomes": {v: len(o) for v, o in log.outcomes.items()},
+                **{k: (None if isinstance(v, float) and v != v else v) for k, v in report.items()}}
 
     return app
 
@@ -253,7 +315,7 @@ async def _stream_events(service: PersonaService, persona: str, request: ChatReq
                                          "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
                                                                               "finish_reason": None}]}) + "\n\n"
     thread.join()
-    await asyncio.to_thread(service.persist, request.user, persona, message, "".join(pieces).strip())
+    await asyncio.to_thread(service.persist, request.user, persona, message, "".join(pieces).strip(), request.model)
     yield "data: " + json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
                                  "model": request.model, "choices": [{"index": 0, "delta": {},
                                                                       "finish_reason": "stop"}]}) + "\n\n"

@@ -79,6 +79,12 @@ class Storage:
             row = session.get(UserRow, user_id)
             return None if row is None else json.loads(row.state)
 
+    def iter_states(self):
+        """(user id, state) of every user, for rebuilding in-memory state after a restart."""
+        with Session(self.engine) as session:
+            for row in session.scalars(select(UserRow)).all():
+                yield row.id, json.loads(row.state)
+
     def save_state(self, user_id: str, state: dict[str, Any]) -> None:
         with Session(self.engine) as session, session.begin():
             row = session.get(UserRow, user_id)
