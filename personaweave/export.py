@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any, Optional
 
 SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
@@ -113,21 +114,22 @@ def check_model_folder(model_dir: str) -> dict[str, Any]:
     return config
 
 
-def cpu_quantization_config(per_channel: bool = True):
-    """Dynamic int8 config for this CPU: arm64, avx512_vnni, avx512 or avx2."""
+def cpu_quantization_config(per_channel: bool = True, **options: Any):
+    """Dynamic int8 config for this CPU: arm64, avx512_vnni, avx512 or avx2. `options` go to
+    `AutoQuantizationConfig` (e.g. operators_to_quantize, nodes_to_exclude)."""
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     if platform.machine().lower() in {"aarch64", "arm64"}:
-        return AutoQuantizationConfig.arm64(is_static=False, per_channel=per_channel)
+        return AutoQuantizationConfig.arm64(is_static=False, per_channel=per_channel, **options)
     flags = ""
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             flags = handle.read()
     if "avx512_vnni" in flags:
-        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel)
+        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel, **options)
     if "avx512f" in flags:
-        return AutoQuantizationConfig.avx512(is_static=False, per_channel=per_channel)
-    return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel)
+        return AutoQuantizationConfig.avx512(is_static=False, per_channel=per_channel, **options)
+    return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel, **options)
 
 
 def default_task(model_dir: str) -> str:
@@ -202,10 +204,24 @@ def _write_plain_config(folder: str, config: dict[str, Any]) -> None:
         json.dump(text, handle, indent=2)
 
 
-def quantize_int8(onnx_dir: str, per_channel: bool = True) -> str:
-    """Dynamic int8 with Optimum's ORTQuantizer, saved beside the fp32 graph as model_quantized.onnx."""
+def quantize_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "quantized",
+                  operators_to_quantize: Optional[Sequence[str]] = None, keep_fp32: Sequence[str] = ()) -> str:
+    """Dynamic int8 with Optimum's ORTQuantizer, saved beside the fp32 graph as `model_<suffix>.onnx`.
+
+    `operators_to_quantize` (default: every op type ORT's dynamic quantizer handles) and
+    `keep_fp32` (substrings of node names left in fp32, e.g. "rotary_emb") select what is quantized.
+    """
     from optimum.onnxruntime import ORTQuantizer
 
+    options: dict[str, Any] = {}
+    if operators_to_quantize:
+        options["operators_to_quantize"] = list(operators_to_quantize)
+    if keep_fp32:
+        import onnx
+
+        graph = onnx.load(os.path.join(onnx_dir, ONNX_FILE), load_external_data=False).graph
+        options["nodes_to_exclude"] = [n.name for n in graph.node if any(k in n.name for k in keep_fp32)]
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=ONNX_FILE)
-    quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel))
-    return os.path.join(onnx_dir, INT8_FILE)
+    quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel, **options),
+                       file_suffix=suffix)
+    return os.path.join(onnx_dir, f"model_{suffix}.onnx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -136,3 +137,20 @@ def test_trait_model_exports_with_its_heads_and_the_torch_free_predictor_matches
     assert not (tmp_path / "bad").exists()
     with pytest.raises(FileNotFoundError, match="No model.onnx"):
         OnnxTraitModel.from_pretrained(str(tmp_path / "traits"))  # the PyTorch folder
+
+
+def test_int8_variant_keeps_chosen_nodes_and_gathers_in_fp32(exported):
+    import onnx
+
+    from personaweave.export import quantize_int8
+
+    _, _, root = exported
+    path = quantize_int8(str(root / "onnx"), suffix="quantized_mm", operators_to_quantize=["MatMul"],
+                         keep_fp32=("rotary_emb",))
+    nodes = onnx.load(path).graph.node
+    ops = {n.name: n.op_type for n in nodes}
+    rotary = [name for name in ops if "rotary_emb" in name and ops[name] == "MatMul"]
+    assert rotary  # still a float MatMul
+    assert any(op == "MatMulInteger" for op in ops.values())  # the weights' MatMuls are int8
+    assert not any(op == "DequantizeLinear" and "embed_tokens" in name for name, op in ops.items())
+    assert ORTModelForCausalLM.from_pretrained(root / "onnx", file_name=os.path.basename(path)) is not None

@@ -1,0 +1,83 @@
+"""How well does the in-context learner estimate traits? Leave-one-persona-out on the persona dialogues.
+
+For each persona P: the example bank is the train replies of the *other* personas with their
+trait labels (so P's own traits cannot be copied from the bank); contexts are P's test replies,
+three at a time. The LM (the shipped SmolLM2 by default, or any OpenAI-compatible endpoint via
+--url) answers trait JSON; compared with P's true ten traits: MAE, share of traits within 0.1,
+and the share of answers that held usable JSON. Baselines on the same contexts: the bank's mean
+traits, and copying the traits of the most similar bank example (what the shots alone give).
+
+    python recipes/incontext_eval.py --contexts_per_persona 4 --output outputs/incontext_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from personaweave.evaluation import save_json
+from personaweave.incontext import InContextTraitEstimator, parse_traits, trait_prompt
+from personaweave.personas import TRAITS
+
+
+def scores(predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, float]:
+    err = np.abs(np.stack(predicted) - np.stack(truth))
+    return {"mae": round(float(err.mean()), 4), "within_0.1": round(float((err <= 0.1 + 1e-6).mean()), 4)}
+
+
+def main() -> None:
+    from personaweave.data import load_persona_dialogues
+    from personaweave.incontext import local_generator, openai_generator
+    from personaweave.zoo import default_encoder, load_base
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts_per_persona", type=int, default=4)
+    parser.add_argument("--replies_per_context", type=int, default=3)
+    parser.add_argument("--bank_per_persona", type=int, default=40, help="train replies per other persona")
+    parser.add_argument("--url", help="an OpenAI-compatible /v1 URL instead of the local SmolLM2")
+    parser.add_argument("--output", default="outputs/incontext_eval.json")
+    args = parser.parse_args()
+
+    data = load_persona_dialogues()
+    if args.url:
+        generate = openai_generator(args.url)
+    else:
+        model, tokenizer = load_base()
+        generate = local_generator(model.eval(), tokenizer)
+    encoder = default_encoder()
+    train, test = data["train"], data["test"]
+    personas = sorted(set(test["persona"]))
+    rows = {"llm": [], "bank_mean": [], "nearest_example": [], "truth": []}
+    parsed, answers = 0, []
+    for persona in tqdm(personas, desc="personas"):
+        bank = [(r["response"], dict(zip(TRAITS, r["traits"]))) for p in personas if p != persona
+                for r in train.filter(lambda x, p=p: x["persona"] == p).select(range(args.bank_per_persona))]
+        estimator = InContextTraitEstimator([t for t, _ in bank], [t for _, t in bank], generate, encoder=encoder)
+        mean = np.mean([[t[k] for k in TRAITS] for _, t in bank], axis=0)
+        mine = test.filter(lambda x: x["persona"] == persona)
+        truth = np.asarray(mine[0]["traits"], dtype=float)
+        for c in range(args.contexts_per_persona):
+            replies = mine["response"][c * args.replies_per_context:(c + 1) * args.replies_per_context]
+            context = " ".join(replies)
+            answer = generate(trait_prompt(estimator.examples_for(context), context))
+            sentinel = parse_traits(answer, default={t: -1.0 for t in TRAITS})
+            parsed += int(any(v >= 0 for v in sentinel.values()))
+            estimate = parse_traits(answer)
+            rows["llm"].append(np.asarray([estimate[t] for t in TRAITS]))
+            rows["bank_mean"].append(mean)
+            nearest = estimator.examples_for(context)[0][1]
+            rows["nearest_example"].append(np.asarray([nearest[t] for t in TRAITS]))
+            rows["truth"].append(truth)
+            answers.append({"persona": persona, "answer": answer[:300]})
+    results = {name: scores(rows[name], rows["truth"]) for name in ("llm", "bank_mean", "nearest_example")}
+    results.update(contexts=len(rows["truth"]), usable_json_share=round(parsed / len(rows["truth"]), 3),
+                   generator=args.url or "local SmolLM2-135M-Instruct (greedy)", answers=answers[::4])
+    save_json(results, args.output)
+    print(json.dumps({k: v for k, v in results.items() if k != "answers"}))
+
+
+if __name__ == "__main__":
+    main()
