@@ -57,7 +57,7 @@ def main() -> None:
                 for r in train.filter(lambda x, p=p: x["persona"] == p).select(range(args.bank_per_persona))]
         estimator = InContextTraitEstimator([t for t, _ in bank], [t for _, t in bank], generate, encoder=encoder)
         mean = np.mean([[t[k] for k in TRAITS] for _, t in bank], axis=0)
-        mine = test.filter(lambda x: x["persona"] == persona)
+        mine = test.filter(lambda x, p=persona: x["persona"] == p)
         truth = np.asarray(mine[0]["traits"], dtype=float)
         for c in range(args.contexts_per_persona):
             replies = mine["response"][c * args.replies_per_context:(c + 1) * args.replies_per_context]

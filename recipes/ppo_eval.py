@@ -22,9 +22,14 @@ import numpy as np
 import torch
 
 from personaweave import chat
-from personaweave.evaluation import (PersonaClassifier, distinct_n, master_mode, perplexity, replies_for,
-                                     save_json)
+from personaweave.evaluation import PersonaClassifier, distinct_n, master_mode, perplexity, replies_for, save_json
 from personaweave.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
+
+
+def _reply_logprobs(model: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Log-probabilities of the tokens ids[0, start:] under `model`."""
+    logits = model(input_ids=ids).logits[0, start - 1:ids.shape[1] - 1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, start:, None]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -38,16 +43,9 @@ def sequence_kl(policy: Any, tokenizer: Any, conversations: list, replies: list[
             totals.append(0.0)
             continue
         ids = torch.tensor([prompt + answer])
-        positions = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
-        target = ids[0, len(prompt):]
-
-        def logprobs():
-            logits = policy(input_ids=ids).logits[0, positions].float()
-            return torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
-
-        current = logprobs()
+        current = _reply_logprobs(policy, ids, len(prompt))
         with master_mode(policy):
-            reference = logprobs()
+            reference = _reply_logprobs(policy, ids, len(prompt))
         totals.append(float((current - reference).sum()))
     return float(np.mean(totals))
 

@@ -14,11 +14,9 @@ import time
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import (ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select,
-                        text)
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
 
 logger = logging.getLogger(__name__)
 
