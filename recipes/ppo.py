@@ -46,15 +46,20 @@ class ComponentLog:
     lines file: TRL logs only the total score, the multi-objective view needs each part."""
 
     def __init__(self, reward_fn, path: str) -> None:
-        self.reward_fn, self.path, self.calls = reward_fn, path, 0
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.reward_fn, self.calls = reward_fn, 0
+        # one writer (the main process) and a fresh file per run, so steps line up in the plots
+        self.path = path if os.environ.get("RANK", "0") == "0" else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(self.path, "w", encoding="utf-8").close()
 
     def __call__(self, prompts, replies, personas):
         total, parts = self.reward_fn(prompts, replies, personas)
         self.calls += 1
-        row = {"call": self.calls, "total": float(total.mean()), **{k: float(v.mean()) for k, v in parts.items()}}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        if self.path:
+            row = {"call": self.calls, "total": float(total.mean()), **{k: float(v.mean()) for k, v in parts.items()}}
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
         return total, parts
 
 

@@ -4,9 +4,14 @@
 the master with the PPO LoRA adapter. For each: persona accuracy (the evaluation classifier), every
 reward component, KL to the reference, distinct-2, and perplexity on neutral text.
 
-KL is the sample estimate PPO itself uses: the mean over replies of the sum, over reply tokens, of
-log pi(token) - log pi_ref(token), for replies sampled from the policy being measured (0 for the
-reference itself).
+Replies are sampled the way TRL's PPO samples them (temperature 0.7, no top-k/top-p, no
+repetition penalty), and KL is its estimate: the mean over replies of the sum, over the sampled
+reply tokens (EOS included), of log pi(token) - log pi_ref(token), both on logits divided by the
+temperature, for replies sampled from the policy being measured (0 for the reference itself).
+The ids are kept as generated (never decoded and re-encoded).
+
+Caveat: persona accuracy is judged by the same classifier whose confidence PPO was rewarded
+with; a held-out judge would guard against reward hacking (see the example replies in the JSON).
 
 Usage:
     python recipes/ppo_eval.py --model outputs/sft_persona/final --adapter outputs/ppo/final \
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from personaweave import chat
-from personaweave.evaluation import PersonaClassifier, distinct_n, master_mode, perplexity, replies_for, save_json
+from personaweave.evaluation import PersonaClassifier, distinct_n, master_mode, perplexity, save_json
 from personaweave.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
 
 
@@ -32,20 +37,49 @@ def _reply_logprobs(model: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, ids[0, start:, None]).squeeze(-1)
 
 
+TEMPERATURE = 0.7  # recipes/configs/ppo.yaml
+
+
 @torch.no_grad()
-def sequence_kl(policy: Any, tokenizer: Any, conversations: list, replies: list[str]) -> float:
+def sample(policy: Any, tokenizer: Any, conversations: list, seed: int, max_new_tokens: int = 48,
+           batch_size: int = 16) -> tuple[list[str], list[tuple[list[int], list[int]]]]:
+    """Replies sampled as PPO samples them: (texts, (prompt ids, reply ids up to and with EOS))."""
+    torch.manual_seed(seed)
+    texts, samples = [], []
+    eos = tokenizer.eos_token_id
+    for i in range(0, len(conversations), batch_size):
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
+                              top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for prompt, row in zip(prompts, out[:, width:].tolist()):
+            reply = row[: row.index(eos) + 1] if eos in row else row
+            samples.append((prompt, reply))
+            texts.append(tokenizer.decode(reply, skip_special_tokens=True).strip())
+    return texts, samples
+
+
+def _reply_logprobs(model: Any, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    """Log-probabilities of the reply tokens after the prompt, on temperature-scaled logits."""
+    ids = torch.tensor([prompt + reply])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:ids.shape[1] - 1].float() / (TEMPERATURE + 1e-7)
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sequence_kl(policy: Any, samples: list[tuple[list[int], list[int]]]) -> float:
     """Mean over replies of sum_t [log pi(y_t) - log pi_ref(y_t)] (pi_ref = adapters disabled)."""
     totals = []
-    for conversation, reply in zip(conversations, replies):
-        prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-        answer = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        if not answer:
+    for prompt, reply in samples:
+        if not reply:
             totals.append(0.0)
             continue
-        ids = torch.tensor([prompt + answer])
-        current = _reply_logprobs(policy, ids, len(prompt))
+        current = _reply_logprobs(policy, prompt, reply)
         with master_mode(policy):
-            reference = _reply_logprobs(policy, ids, len(prompt))
+            reference = _reply_logprobs(policy, prompt, reply)
         totals.append(float((current - reference).sum()))
     return float(np.mean(totals))
 
@@ -56,7 +90,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
     rows = [(p, q) for p in personas for q in prompts]
     conversations = [chat(p, q, model=model) for p, q in rows]
     with master_mode(policy) if reference else torch.no_grad():
-        replies = replies_for(policy, tokenizer, conversations, seed=seed, max_new_tokens=48)
+        replies, samples = sample(policy, tokenizer, conversations, seed)
         ppl = perplexity(policy, tokenizer, neutral)
     parts = reward_components([q for _, q in rows], replies, [p for p, _ in rows], ctx)
     probs = classifier.predict_proba(replies)
@@ -65,7 +99,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
     out = {"persona_accuracy": float(np.mean(hits)), "combined_reward": float(total.mean()),
            **{k: float(v.mean()) for k, v in parts.items()}, "distinct_2": distinct_n(replies, 2),
            "mean_words": float(np.mean([len(r.split()) for r in replies])), "perplexity_neutral": ppl,
-           "kl_to_reference": 0.0 if reference else sequence_kl(policy, tokenizer, conversations, replies),
+           "kl_to_reference": 0.0 if reference else sequence_kl(policy, samples),
            "per_persona_accuracy": {p: float(np.mean([h for h, (q, _) in zip(hits, rows) if q == p]))
                                     for p in personas}}
     out["examples"] = [{"persona": p, "prompt": q, "reply": r} for (p, q), r in list(zip(rows, replies))[::25]]

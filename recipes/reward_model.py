@@ -1,5 +1,6 @@
-"""Persona reward model: a sequence classifier (num_labels=1) on the policy's own base and
-tokenizer, trained with TRL's `RewardTrainer` on persona preference pairs.
+"""Persona reward model: a sequence classifier (num_labels=1) on the policy's base LM (SmolLM2) and
+its tokenizer (without persona tokens: the persona is stated in words), trained with TRL's
+`RewardTrainer` on persona preference pairs.
 
 Each pair: the persona stated in a system turn and a user turn; chosen = that persona's reply,
 rejected = another persona's reply to the same user turn (`persona_preference_pairs`). Reported:
@@ -67,8 +68,11 @@ def pairs(split, cap: Optional[int], seed: int):
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16) -> dict[str, Any]:
-    """Share of pairs whose chosen reply scores above the rejected one, overall and per persona."""
+def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, max_length: int = 512
+                      ) -> dict[str, Any]:
+    """Share of pairs whose chosen reply scores above the rejected one, overall and per persona.
+    Pairs longer than `max_length` tokens are left out, as RewardTrainer leaves them out of training
+    (truncating would cut the reply's end, where the score is read)."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
 
@@ -77,11 +81,12 @@ def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16) ->
         for i in range(0, len(data), batch_size):
             rows = data[i:i + batch_size]
             texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(rows["prompt"], rows[column])]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512,
-                            add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             out.append(model(**enc.to(model.device)).logits[:, 0].float().cpu().numpy())
         return np.concatenate(out)
 
+    length = lambda row, column: len(tokenizer.apply_chat_template(row["prompt"] + row[column]))  # noqa: E731
+    data = data.filter(lambda row: max(length(row, "chosen"), length(row, "rejected")) <= max_length)
     try:
         wins = scores("chosen") > scores("rejected")
     finally:
@@ -124,13 +129,14 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
     data = load_persona_dialogues(data_dir=script.dataset_dir)
     train = pairs(data["train"], script.max_train_pairs, args.seed)
     held_out = pairs(data["test"], script.max_eval_pairs, args.seed)
-    before = pairwise_accuracy(model, tokenizer, held_out)
+    before = pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length)
     columns = ["prompt", "chosen", "rejected"]
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=train.select_columns(columns))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    report = {"untrained": before["pairwise_accuracy"], **pairwise_accuracy(model, tokenizer, held_out),
-              "train_pairs": len(train), "steps": trainer.state.global_step}
+    report = {"untrained": before["pairwise_accuracy"],
+              **pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length),
+              "train_pairs": len(trainer.train_dataset), "steps": trainer.state.global_step}
     final = os.path.join(args.output_dir, "final")
     if args.process_index == 0:
         save_folder_atomically(model, tokenizer, final)

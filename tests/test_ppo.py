@@ -96,3 +96,23 @@ def test_ppo_eval_kl_is_zero_for_an_untouched_adapter_and_positive_after(hash_en
     for key in ("persona_accuracy", "combined_reward", "goal", "classifier_confidence", "example_similarity",
                 "distinct_2"):
         assert key in moved
+
+
+def test_ppo_eval_logprobs_match_the_sampler_scores():
+    """The KL's log-probabilities are those of the sampling distribution (temperature-scaled)."""
+    from personaweave import chat
+    from personaweave.testing import tiny_persona_model
+
+    evaluation = load_recipe("ppo_eval")
+    model, tok = tiny_persona_model()
+    model.eval()
+    prompt = tok.apply_chat_template(chat("pirate", "hello what", model=model), add_generation_prompt=True)
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt]), do_sample=True, temperature=evaluation.TEMPERATURE, top_k=0,
+                         top_p=1.0, max_new_tokens=6, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id)
+    reply = out.sequences[0, len(prompt):].tolist()
+    expected = torch.stack([torch.log_softmax(score[0].float(), -1)[token] for score, token in zip(out.scores, reply)])
+    with torch.no_grad():
+        got = evaluation._reply_logprobs(model, prompt, reply)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
