@@ -74,7 +74,10 @@ def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, ma
     Pairs longer than `max_length` tokens are left out, as RewardTrainer leaves them out of training
     (truncating would cut the reply's end, where the score is read)."""
     model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    length = lambda row, column: len(tokenizer.apply_chat_template(row["prompt"] + row[column]))  # noqa: E731
+    data = data.filter(lambda row: max(length(row, "chosen"), length(row, "rejected")) <= max_length)
+    if not len(data):
+        raise ValueError(f"No held-out pair fits in max_length={max_length} tokens.")
 
     def scores(column: str) -> np.ndarray:
         out = []
@@ -85,8 +88,7 @@ def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, ma
             out.append(model(**enc.to(model.device)).logits[:, 0].float().cpu().numpy())
         return np.concatenate(out)
 
-    length = lambda row, column: len(tokenizer.apply_chat_template(row["prompt"] + row[column]))  # noqa: E731
-    data = data.filter(lambda row: max(length(row, "chosen"), length(row, "rejected")) <= max_length)
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
         wins = scores("chosen") > scores("rejected")
     finally:

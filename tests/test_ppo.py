@@ -116,3 +116,30 @@ def test_ppo_eval_logprobs_match_the_sampler_scores():
     with torch.no_grad():
         got = evaluation._reply_logprobs(model, prompt, reply)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_reward_model_pairwise_accuracy_and_partial_freezing(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from personaweave.data import persona_preference_pairs
+    from personaweave.testing import tiny_llama, tiny_tokenizer
+
+    recipe = load_recipe("reward_model")
+    tok = tiny_tokenizer()
+    lm = tiny_llama(len(tok))
+    lm.config.num_labels = 1
+    model = LlamaForSequenceClassification(lm.config).eval()
+    recipe.freeze_below(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm", "score")) for n in trainable)
+    with pytest.raises(ValueError, match="train_top_layers"):
+        recipe.freeze_below(model, 3)
+    from datasets import Dataset
+
+    rows = Dataset.from_parquet(tiny_dataset(tmp_path) + "/train.parquet")
+    pairs = persona_preference_pairs(rows)
+    report = recipe.pairwise_accuracy(model, tok, pairs, max_length=512)
+    assert report["num_pairs"] == len(pairs) and 0.0 <= report["pairwise_accuracy"] <= 1.0
+    assert set(report["per_persona"]) == set(UniformClassifier.labels)
+    with pytest.raises(ValueError, match="fits in max_length=5"):
+        recipe.pairwise_accuracy(model, tok, pairs, max_length=5)
