@@ -112,9 +112,10 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(json.dumps({"name": "service_load_batching_ratio",
-                      "requests_per_s": round(results[True]["requests_per_s"] / results[False]["requests_per_s"], 2),
-                      "p50_latency": round(results[True]["p50_s"] / results[False]["p50_s"], 2)}))
+    if results[False]["requests"] and results[True]["requests"]:
+        print(json.dumps({"name": "service_load_batching_ratio",
+                          "requests_per_s": round(results[True]["requests_per_s"] / results[False]["requests_per_s"], 2),
+                          "p50_latency": round(results[True]["p50_s"] / results[False]["p50_s"], 2)}))
 
 
 if __name__ == "__main__":

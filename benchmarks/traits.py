@@ -3,7 +3,7 @@ as ONNX graphs run by the torch-free `personaweave.lite` predictor, in one run.
 
 Size on disk, peak resident memory (each variant in its own process), latency per prediction at
 batch 1 and 32, and quality (share of traits within 0.1, MAE) on the test split. ONNX variants
-run in a process that never imports torch (checked), with one ORT thread per op like serving.
+run in a process that never imports torch (checked), with onnxruntime's default threading.
 
     personaweave export onnx outputs/traits/final --out outputs/traits_onnx --quantize int8
     personaweave export onnx outputs/traits_student/final --out outputs/traits_student_onnx --quantize int8

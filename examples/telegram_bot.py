@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from openai import APIStatusError, AsyncOpenAI
+from openai import APIError, APIStatusError, AsyncOpenAI
 from telegram import Update
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
@@ -34,6 +34,8 @@ async def on_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
         reply = completion.choices[0].message.content or "..."
     except APIStatusError as err:  # unknown persona, oversized message: tell the user, don't crash
         reply = f"Sorry, the persona service refused that ({err.status_code})."
+    except APIError:  # the service is down or timed out
+        reply = "Sorry, the persona service is not reachable right now."
     await update.message.reply_text(reply)
 
 
@@ -53,16 +55,21 @@ async def on_forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     try:
         await client.delete(f"/users/{user_id(update)}", cast_to=object)
         await update.message.reply_text("I have forgotten our conversations.")
-    except APIStatusError:  # 404: nothing stored for this user
-        await update.message.reply_text("There was nothing to forget.")
+    except APIStatusError as err:
+        await update.message.reply_text("There was nothing to forget." if err.status_code == 404
+                                        else f"Sorry, the persona service refused that ({err.status_code}).")
+    except APIError:
+        await update.message.reply_text("Sorry, the persona service is not reachable right now.")
 
 
 def build_application(token: str, service_url: str, persona: str = "auto") -> Application:
     app = Application.builder().token(token).build()
-    app.bot_data.update(client=AsyncOpenAI(base_url=service_url, api_key="none"), persona=persona)
-    app.add_handler(CommandHandler("persona", on_persona))
-    app.add_handler(CommandHandler("forget", on_forget))
-    app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, on_message))
+    # no client retries: a retried chat turn could be stored twice by the service
+    app.bot_data.update(client=AsyncOpenAI(base_url=service_url, api_key="none", max_retries=0), persona=persona)
+    new_messages = filters.UpdateType.MESSAGE  # edited messages carry no `update.message`
+    app.add_handler(CommandHandler("persona", on_persona, filters=new_messages))
+    app.add_handler(CommandHandler("forget", on_forget, filters=new_messages))
+    app.add_handler(MessageHandler(new_messages & filters.TEXT & ~filters.COMMAND, on_message))
     return app
 
 

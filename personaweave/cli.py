@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     experiment = _parse_weights(args.ab_test) if args.ab_test else None
     service = PersonaService(model, tokenizer, Storage(args.db), memory=None if args.no_memory else Memory(),
                              adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching,
-                             experiment=experiment)
+                             experiment=experiment, experiment_name=args.ab_name)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--adaptive", action="store_true", help="enable model='auto' (the adaptation engine)")
     p.add_argument("--ab-test", nargs="+", metavar="PERSONA=WEIGHT",
-                   help="enable model='ab': a persona A/B experiment, e.g. --ab-test pirate=0.5 butler=0.5")
+                   help="enable model='ab': a two-persona A/B experiment, e.g. --ab-test pirate=0.5 butler=0.5")
+    p.add_argument("--ab-name", default="persona-ab", help="the experiment's name (also its hashing salt)")
     p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-batching", action="store_true")

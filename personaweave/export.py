@@ -220,7 +220,9 @@ def quantize_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "quanti
         import onnx
 
         graph = onnx.load(os.path.join(onnx_dir, ONNX_FILE), load_external_data=False).graph
-        options["nodes_to_exclude"] = [n.name for n in graph.node if any(k in n.name for k in keep_fp32)]
+        kept = [n for n in graph.node if any(k in n.name for k in keep_fp32)]
+        # ORT rewrites a Gemm as "<name>_MatMul" + Add before quantizing: exclude both names
+        options["nodes_to_exclude"] = [n.name for n in kept] + [f"{n.name}_MatMul" for n in kept if n.op_type == "Gemm"]
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=ONNX_FILE)
     quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel, **options),
                        file_suffix=suffix)

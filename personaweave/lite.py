@@ -30,6 +30,15 @@ def _padding(folder: str, tokenizer: Any) -> dict[str, Any]:
             "pad_id": 0 if pad_id is None else pad_id}
 
 
+def _remember(cache: OrderedDict, rows: dict, size: int) -> None:
+    """Insert or refresh `rows` as the most recent entries, then evict the oldest beyond `size`."""
+    for text, row in rows.items():
+        cache[text] = row
+        cache.move_to_end(text)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
 class OnnxTraitModel:
     """`predict_traits(texts) -> list[dict]` over an exported trait model folder
     (`personaweave export onnx TRAIT_DIR --out DIR [--quantize int8]`)."""
@@ -74,15 +83,10 @@ class OnnxTraitModel:
         """Trait dicts for `texts`, batched, with an LRU cache for repeated inputs."""
         if isinstance(texts, str):
             raise TypeError("predict_traits takes a list of strings.")
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         for i in range(0, len(missing), batch_size):
             chunk = missing[i:i + batch_size]
-            for text, row in zip(chunk, self(chunk)[0].tolist()):
-                self._cache[text] = row
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        out = []
-        for text in texts:
-            self._cache.move_to_end(text)
-            out.append(dict(zip(self.trait_names, self._cache[text])))
-        return out
+            found.update(zip(chunk, self(chunk)[0].tolist()))
+        _remember(self._cache, found, self.cache_size)
+        return [dict(zip(self.trait_names, found[text])) for text in texts]

@@ -108,21 +108,20 @@ class PersonaTraitModel(PreTrainedModel):
         """Trait dicts for `texts`, batched, with an LRU cache for repeated inputs."""
         if isinstance(texts, str):
             raise TypeError("predict_traits takes a list of strings.")
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         for i in range(0, len(missing), batch_size):
             chunk = missing[i:i + batch_size]
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            values = self.eval()(**enc).traits.float().cpu().tolist()
-            for text, row in zip(chunk, values):
-                self._cache[text] = row
-                if len(self._cache) > cache_size:
-                    self._cache.popitem(last=False)
-        out = []
-        for text in texts:
+            found.update(zip(chunk, self.eval()(**enc).traits.float().cpu().tolist()))
+        # results come from `found`: inserting new texts may evict cached ones of this very call
+        for text, row in found.items():
+            self._cache[text] = row
             self._cache.move_to_end(text)
-            out.append(dict(zip(self.config.trait_names, self._cache[text])))
-        return out
+        while len(self._cache) > cache_size:
+            self._cache.popitem(last=False)
+        return [dict(zip(self.config.trait_names, found[text])) for text in texts]
 
 
 __all__ = ["PersonaTraitConfig", "PersonaTraitModel", "TraitModelOutput"]

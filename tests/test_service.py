@@ -174,36 +174,46 @@ def test_kill_9_keeps_every_acknowledged_turn(tmp_path):
         proc.wait()
 
 
-def test_ab_experiment_assigns_records_feedback_and_survives_a_restart(tmp_path, hash_encoder):
+def test_ab_experiment_assigns_rates_per_user_and_survives_a_restart(tmp_path, hash_encoder):
     from personaweave.adaptation.abtest import assign
 
     model, tok = tiny_persona_model()
     variants = {"pirate": 0.5, "robot": 0.5}
-    make = lambda: PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/ab.sqlite"),  # noqa: E731
-                                  memory=Memory(hash_encoder), max_new_tokens=4, experiment=variants)
+    make = lambda v=variants: PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/ab.sqlite"),  # noqa: E731
+                                             memory=Memory(hash_encoder), max_new_tokens=4, experiment=v)
     client = TestClient(create_app(make()))
     assert "ab" in {m["id"] for m in client.get("/v1/models").json()["data"]}
-    users = [f"ab{i}" for i in range(12)]
+    users = [f"ab{i}" for i in range(10)]
     for i, user in enumerate(users):
         reply = client.post("/v1/chat/completions", json=body(model="ab", user=user)).json()
         assert reply["system_fingerprint"] == assign(user, "persona-ab", variants)  # deterministic, by hash
-        client.post("/v1/feedback", json={"user": user, "rating": "up" if i % 3 else "down"})
-    client.post("/v1/chat/completions", json=body(model="pirate", user="outsider"))  # not in the experiment
+        for _ in range(1 + 4 * (i == 0)):  # user 0 rates five times: still one user in the analysis
+            client.post("/v1/feedback", json={"user": user, "rating": "up" if i % 3 else "down"})
+    client.post("/v1/chat/completions", json=body(model="pirate", user=users[1]))  # no longer through 'ab'
+    client.post("/v1/feedback", json={"user": users[1], "rating": "down"})  # not an A/B rating
+    client.post("/v1/chat/completions", json=body(model="pirate", user="outsider"))
     client.post("/v1/feedback", json={"user": "outsider", "rating": "up"})
     report = client.get("/v1/experiments/persona-ab").json()
-    assert sum(report["outcomes"].values()) == 12 and 0 <= report["p_value"] <= 1
+    assert sum(report["users"].values()) == 10 and sum(report["ratings"].values()) == 14
+    assert report["p_value"] is None or 0 <= report["p_value"] <= 1
     state = client.get(f"/v1/users/{users[0]}").json()["state"]
-    assert state["ab"] == {"experiment": "persona-ab", "variant": assign(users[0], "persona-ab", variants),
-                           "outcomes": [0.0]}
-    restarted = TestClient(create_app(make()))  # outcomes are rebuilt from the database
-    assert restarted.get("/v1/experiments/persona-ab").json()["outcomes"] == report["outcomes"]
+    assert state["ab"] == {"experiment": "persona-ab", "variants": ["pirate", "robot"],
+                           "variant": assign(users[0], "persona-ab", variants), "ratings": [0.0] * 5}
+    restarted = TestClient(create_app(make()))  # ratings are rebuilt from the database
+    assert restarted.get("/v1/experiments/persona-ab").json()["ratings"] == report["ratings"]
+    other = TestClient(create_app(make({"pirate": 0.5, "butler": 0.5})))  # reconfigured: old ratings ignored
+    assert sum(other.get("/v1/experiments/persona-ab").json()["ratings"].values()) == 0
+    assert restarted.delete(f"/v1/users/{users[0]}").status_code == 200  # forgotten in memory too
+    assert sum(restarted.get("/v1/experiments/persona-ab").json()["ratings"].values()) == 9
     assert restarted.get("/v1/experiments/other").status_code == 404
     no_user = restarted.post("/v1/chat/completions", json=body(model="ab"))
     assert no_user.status_code == 400 and "user" in no_user.json()["error"]["message"]
     plain = TestClient(create_app(PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/p.sqlite"))))
     assert "--ab-test" in plain.post("/v1/chat/completions", json=body(model="ab", user="x")).json()["error"]["message"]
     with pytest.raises(ValueError, match="not personas"):
-        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/q.sqlite"), experiment={"ghost": 1.0})
+        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/q.sqlite"), experiment={"ghost": 1.0, "robot": 1})
+    with pytest.raises(ValueError, match="exactly two"):
+        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/q.sqlite"), experiment={"robot": 1.0})
 
 
 def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_encoder):
@@ -228,3 +238,7 @@ def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_
     assert traits[5] == pytest.approx(0.7, abs=1e-3)  # humor 0.5 -> 0.6 -> 0.7 (half of +0.2 per turn)
     restarted = make()
     assert restarted.adapter.states["ann"][5] == pytest.approx(0.7, abs=1e-3)
+    restarted_client = TestClient(create_app(restarted))
+    assert "user-ann" in model.config.persona_names
+    assert restarted_client.delete("/v1/users/ann").status_code == 200
+    assert "ann" not in restarted.adapter.states and "user-ann" not in model.config.persona_names

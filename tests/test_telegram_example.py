@@ -66,21 +66,26 @@ def test_bot_forwards_messages_and_commands_to_the_service(bot_module, sent, tmp
         await bot_module.on_persona(update("/persona robot"), context)
         await bot_module.on_message(update("why is the sea good ?"), context)
         stored.append(service.storage.count_turns("telegram-7"))
+        stored.append([t["persona"] for t in service.storage.history("telegram-7")])
         context.args = ["ghost"]
         await bot_module.on_persona(update("/persona ghost"), context)
         context.chat_data["persona"] = "ghost"  # a persona the service does not know: an apology, no crash
         await bot_module.on_message(update("hello"), context)
         await bot_module.on_forget(update("/forget"), context)
         await bot_module.on_forget(update("/forget"), context)
+        down = SimpleNamespace(bot_data={"client": AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="none",
+                                                               max_retries=0)}, chat_data={}, args=[])
+        await bot_module.on_message(update("anyone there?"), down)  # service unreachable: an apology
         return context
 
     with serve_in_thread(create_app(service)) as url:
-        context = asyncio.run(conversation(url))
-    assert context.chat_data["persona"] == "ghost"
-    assert [chat for chat, _ in sent] == [42] * 7
+        asyncio.run(conversation(url))
+    assert [chat for chat, _ in sent] == [42] * 8
     texts = [text for _, text in sent]
     assert texts[1] == "Now speaking as robot." and texts[3].startswith("Usage: /persona NAME")
     assert "(404)" in texts[4]
     assert texts[5] == "I have forgotten our conversations." and texts[6] == "There was nothing to forget."
-    assert stored == [4]  # two exchanges, stored under the Telegram user's id
+    assert texts[7] == "Sorry, the persona service is not reachable right now."
+    assert stored[0] == 4  # two exchanges, stored under the Telegram user's id
+    assert stored[1] == ["pirate", "pirate", "robot", "robot"]  # /persona robot switched the second one
     assert service.storage.count_turns("telegram-7") == 0  # /forget deleted them

@@ -48,6 +48,16 @@ def test_predict_traits_is_batched_cached_and_round_trips(tmp_path, tiny_traits)
         model.predict_traits("hello", tok)
 
 
+def test_trait_cache_eviction_never_loses_a_result_of_the_same_call(tiny_traits):
+    model, tok = tiny_traits
+    model._cache.clear()
+    x, y = model.predict_traits(["hello", "sea ship"], tok, cache_size=2)
+    again = model.predict_traits(["hello", "what now"], tok, cache_size=2)  # "hello" is the oldest entry
+    assert again[0] == x and list(model._cache) == ["hello", "what now"]
+    many = model.predict_traits(["a sea", "b ship", "c hello", "hello"], tok, cache_size=2)
+    assert len(many) == 4 and many[3] == x and len(model._cache) == 2
+
+
 def test_trait_metrics():
     metric = load_trait_metrics()
     result = metric.compute(predictions=[[0.5] * 10, [0.2] * 10, [0.9] * 10],

@@ -50,6 +50,14 @@ class PersonaAdapter:
             raise ValueError(f"A trait state is {len(TRAITS)} finite values, got shape {values.shape}.")
         self.states[user_id] = np.clip(values, 0.0, 1.0)
 
+    def forget(self, user_id: str) -> None:
+        """Drop a user's trait state, pending feedback and blend persona."""
+        self.states.pop(user_id, None)
+        self.pending_feedback.pop(user_id, None)
+        name = self.persona_name(user_id)
+        if name in self.model.config.persona_names:
+            self.model.remove_persona(name)
+
     def feedback(self, user_id: str, negative: bool) -> None:
         """Explicit feedback (thumbs down, blocking) reaches the policy as the next turn's
         negative-feedback signal."""

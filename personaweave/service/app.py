@@ -5,14 +5,17 @@ POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0
                            experiment assigns a variant); `user` = the user id
 GET  /v1/models            the personas
 GET/DELETE /v1/users/{id}  a user's state and turns
-POST /v1/feedback          thumbs up/down and blocking: kept in the user's state, passed to the
-                           adaptation engine (next turn's negative-feedback signal) and recorded as
-                           an outcome of the user's A/B variant (up = 1, down = 0)
-GET  /v1/experiments/{name} the A/B experiment's outcomes and test (two-proportion z, P(B > A))
+POST /v1/feedback          thumbs up/down and blocking on the user's last reply: kept in the user's
+                           state; if that reply came from `auto`, the adaptation engine sees it as
+                           the next turn's negative-feedback signal; if from `ab`, it is a rating of
+                           the user's variant (up = 1, down = 0)
+GET  /v1/experiments/{name} the A/B experiment (default name "persona-ab"): users, ratings, per-user
+                           mean rating per variant, Welch's t on them, P(B > A)
 
-Per-user state in the database: persona, turn count, the adaptive trait state, the A/B
-assignment and its outcomes, feedback counts. The adaptive trait states and A/B outcomes are
-rebuilt from it when the server restarts.
+Per-user state in the database: persona, turn count, last model spec, the adaptive trait state,
+the A/B assignment and ratings, feedback counts. The adaptive trait states and A/B ratings are
+rebuilt from it when the server restarts (one server process per database: these also live in
+its memory). DELETE /v1/users/{id} forgets the user everywhere, memory included.
 
 A reply is acknowledged only after the user's turn, the reply and the new state are committed
 in one transaction; one user's requests are serialised so no turn is lost.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
@@ -35,12 +39,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from ..adaptation.abtest import ABTest
+from ..adaptation.abtest import UserExperiment
 from ..chat import chat
 from ..memory import Memory
 from .batching import DynamicBatcher
 from .storage import Storage
 
+logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
 EXPERIMENT = "persona-ab"
 
@@ -82,26 +87,34 @@ class PersonaService:
         self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms)
         self.user_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.model_lock = threading.Lock()  # bank edits and generation do not interleave
-        self.abtest, self.experiment_name = None, experiment_name
+        self.experiment = None
         if experiment is not None:
             unknown = [v for v in experiment if v not in model.config.persona_names]
             if unknown:
                 raise ValueError(f"A/B variants {unknown} are not personas of the model.")
-            self.abtest = ABTest()
-            self.abtest.create(experiment_name, experiment)
+            self.experiment = UserExperiment(experiment_name, experiment)
         self._resume()
 
     def _resume(self) -> None:
-        """Adaptive trait states and A/B outcomes back from the database (after a restart)."""
-        if self.adapter is None and self.abtest is None:
+        """Adaptive trait states and A/B ratings back from the database (after a restart)."""
+        if self.adapter is None and self.experiment is None:
             return
         for user, state in self.storage.iter_states():
             if self.adapter is not None and state.get("traits") is not None:
-                self.adapter.restore(user, state["traits"])
-            ab = state.get("ab") or {}
-            if self.abtest is not None and ab.get("experiment") == self.experiment_name:
-                for outcome in ab.get("outcomes", []):
-                    self.abtest.record(self.experiment_name, user, outcome)
+                try:
+                    self.adapter.restore(user, state["traits"])
+                except ValueError as err:  # one bad row must not keep the server down
+                    logger.warning("ignoring the stored trait state of %s: %s", user, err)
+            if self.experiment is not None:
+                self.experiment.restore(user, state.get("ab"))
+
+    def forget(self, user: str) -> None:
+        """Drop what the process holds about a user (the database row is deleted by the caller)."""
+        if self.adapter is not None:
+            with self.model_lock:
+                self.adapter.forget(user)
+        if self.experiment is not None:
+            self.experiment.forget(user)
 
     # -- persona resolution -----------------------------------------------------------------
     def resolve(self, spec: str, user: Optional[str], message: str) -> str:
@@ -113,12 +126,12 @@ class PersonaService:
             with self.model_lock:
                 return self.adapter.step(user or "anonymous", message)
         if spec == "ab":
-            if self.abtest is None:
+            if self.experiment is None:
                 raise HTTPException(400, "model 'ab' needs an A/B experiment, which this server was started "
                                          "without (--ab-test).")
             if not user:
                 raise HTTPException(400, "model 'ab' needs a `user`: the assignment is per user.")
-            return self.abtest.assign(self.experiment_name, user)
+            return self.experiment.assign(user)
         if spec.startswith("blend:"):
             weights = {}
             for part in spec[len("blend:"):].split(","):
@@ -172,11 +185,11 @@ class PersonaService:
             return
         vector = self.memory.embed([message])[0] if self.memory is not None else None
         state = self.storage.state(user) or {}
-        state.update(persona=persona, turns=state.get("turns", 0) + 1)
+        state.update(persona=persona, turns=state.get("turns", 0) + 1, last_spec=spec)
         if self.adapter is not None and user in self.adapter.states:
             state["traits"] = [round(float(x), 4) for x in self.adapter.states[user]]
-        if spec == "ab":
-            state.setdefault("ab", {"experiment": self.experiment_name, "outcomes": []})["variant"] = persona
+        if spec == "ab" and self.experiment is not None:
+            state["ab"] = self.experiment.state(user)
         self.storage.add_exchange(user, state, [("user", message, persona, vector), ("assistant", reply, persona, None)])
 
 
@@ -209,7 +222,7 @@ def create_app(service: PersonaService) -> FastAPI:
         bank = service.model.personas
         data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "personaweave",
                  "description": p.description} for p in bank]
-        extra = ["auto"] + (["ab"] if service.abtest is not None else [])
+        extra = ["auto"] + (["ab"] if service.experiment is not None else [])
         return {"object": "list", "data": data + [{"id": name, "object": "model", "created": 0,
                                                    "owned_by": "personaweave"} for name in extra]}
 
@@ -242,7 +255,10 @@ def create_app(service: PersonaService) -> FastAPI:
 
     @app.delete("/v1/users/{user_id}")
     async def delete_user(user_id: str):
-        if not await asyncio.to_thread(service.storage.delete_user, user_id):
+        async with service.user_locks[user_id]:
+            deleted = await asyncio.to_thread(service.storage.delete_user, user_id)
+            service.forget(user_id)
+        if not deleted:
             raise HTTPException(404, f"Unknown user {user_id!r}.")
         return {"id": user_id, "deleted": True}
 
@@ -254,26 +270,23 @@ def create_app(service: PersonaService) -> FastAPI:
             if item.rating:
                 log[item.rating] += 1
             log["blocked"] = log["blocked"] or item.blocked
-            ab = state.get("ab")
-            if item.rating and ab and service.abtest is not None and ab.get("experiment") == service.experiment_name:
-                outcome = 1.0 if item.rating == "up" else 0.0
-                ab["outcomes"].append(outcome)
-                service.abtest.record(service.experiment_name, item.user, outcome)
-            if service.adapter is not None:
-                service.adapter.feedback(item.user, negative=item.rating == "down" or item.blocked)
+            experiment, last = service.experiment, state.get("last_spec")
+            rated_ab = bool(item.rating) and last == "ab" and experiment is not None and experiment.owns(state.get("ab"))
+            if rated_ab:
+                state["ab"]["ratings"].append(1.0 if item.rating == "up" else 0.0)
             await asyncio.to_thread(service.storage.save_state, item.user, state)
+            # in-memory effects only once the state is committed
+            if rated_ab:
+                experiment.restore(item.user, state["ab"])
+            if service.adapter is not None and last == "auto":
+                service.adapter.feedback(item.user, negative=item.rating == "down" or item.blocked)
         return {"user": item.user, "feedback": log}
 
     @app.get("/v1/experiments/{name}")
     async def experiment(name: str):
-        if service.abtest is None or name != service.experiment_name:
+        if service.experiment is None or name != service.experiment.name:
             raise HTTPException(404, f"Unknown experiment {name!r}.")
-        log = service.abtest.experiments[name]
-        control, treatment = list(log.variants)[:2]
-        report = service.abtest.analyse(name, control, treatment) if all(log.outcomes.values()) else {}
-        return {"experiment": name, "variants": log.variants, "control": control, "treatment": treatment,
-                "outcomes": {v: len(o) for v, o in log.outcomes.items()},
-                **{k: (None if isinstance(v, float) and v != v else v) for k, v in report.items()}}
+        return service.experiment.report()
 
     return app
 

@@ -66,6 +66,12 @@ class Storage:
             with self.engine.begin() as conn:
                 conn.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
                 conn.execute(text("ALTER TABLE turns ADD COLUMN IF NOT EXISTS embedding_vec vector"))
+                # turns stored before the column existed (or by a server without pgvector)
+                rows = conn.execute(text("SELECT id, embedding FROM turns "
+                                         "WHERE embedding IS NOT NULL AND embedding_vec IS NULL")).all()
+                for turn_id, blob in rows:
+                    conn.execute(text("UPDATE turns SET embedding_vec = CAST(:v AS vector) WHERE id = :id"),
+                                 {"v": _vector_literal(np.frombuffer(blob, np.float32)), "id": turn_id})
             return True
         except SQLAlchemyError as err:
             logger.warning("pgvector is not available (%s); memories are searched exactly in Python.",
