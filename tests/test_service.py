@@ -242,3 +242,14 @@ def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_
     assert "user-ann" in model.config.persona_names
     assert restarted_client.delete("/v1/users/ann").status_code == 200
     assert "ann" not in restarted.adapter.states and "user-ann" not in model.config.persona_names
+
+
+def test_max_tokens_and_temperature_are_honoured(client, service):
+    short = client.post("/v1/chat/completions", json=body(max_tokens=1)).json()
+    assert short["usage"]["completion_tokens"] <= 2  # one generated token (re-tokenised reply)
+    full = client.post("/v1/chat/completions", json=body()).json()
+    assert full["usage"]["completion_tokens"] > short["usage"]["completion_tokens"]
+    groups = service._generate_batch([([{"role": "user", "content": "hello"}], 1, None),
+                                      ([{"role": "user", "content": "hello"}], None, 0.8)])
+    assert len(groups) == 2
+    assert service.generation_kwargs(0.8)["do_sample"] and not service.generation_kwargs()["do_sample"]

@@ -47,6 +47,7 @@ from .storage import Storage
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
+REPETITION_PENALTY = 1.2
 EXPERIMENT = "persona-ab"
 
 
@@ -159,12 +160,35 @@ class PersonaService:
         return spec
 
     # -- generation --------------------------------------------------------------------------
-    def _generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+    def generation_kwargs(self, temperature: Optional[float] = None) -> dict[str, Any]:
+        """Greedy unless a temperature > 0 is asked for; a repetition penalty either way (without
+        it, a small model copies its own earlier replies in multi-turn chats)."""
+        kwargs: dict[str, Any] = {"do_sample": False, "repetition_penalty": REPETITION_PENALTY}
+        if temperature:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=0.9)
+        return kwargs
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_tokens: Optional[int] = None,
+                 temperature: Optional[float] = None) -> list[str]:
+        """Replies to chat-format conversations with the request's settings (one `generate` call)."""
         from ..generation import generate_replies
 
         with self.model_lock:
             return generate_replies(self.model, self.tokenizer, conversations,
-                                    max_new_tokens=self.max_new_tokens, batch_size=len(conversations)).texts
+                                    max_new_tokens=max_tokens or self.max_new_tokens, batch_size=len(conversations),
+                                    **self.generation_kwargs(temperature)).texts
+
+    def _generate_batch(self, items: list[tuple[list[dict[str, str]], Optional[int], Optional[float]]]) -> list[str]:
+        """The batcher's worker: requests with the same (max_tokens, temperature) share a call."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, max_tokens, temperature) in enumerate(items):
+            groups[(max_tokens or self.max_new_tokens, temperature or 0.0)].append(i)
+        replies: list[str] = [""] * len(items)
+        for (max_tokens, temperature), members in groups.items():
+            texts = self.generate([items[i][0] for i in members], max_tokens, temperature)
+            for i, text in zip(members, texts):
+                replies[i] = text
+        return replies
 
     def conversation(self, persona: str, request: ChatRequest) -> tuple[list[dict[str, str]], str]:
         last = request.messages[-1].content
@@ -240,7 +264,7 @@ def create_app(service: PersonaService) -> FastAPI:
         async with lock:
             persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
             conversation, message = await asyncio.to_thread(service.conversation, persona, request)
-            reply = await service.batcher.submit(conversation)
+            reply = await service.batcher.submit((conversation, request.max_tokens, request.temperature))
             await asyncio.to_thread(service.persist, request.user, persona, message, reply, request.model)
         prompt_tokens = len(service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
         return _completion(persona, request.model, reply, prompt_tokens, len(service.tokenizer(reply)["input_ids"]))
@@ -310,8 +334,10 @@ async def _stream_events(service: PersonaService, persona: str, request: ChatReq
         import torch
 
         with service.model_lock, torch.no_grad():
-            service.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=service.max_new_tokens,
-                                   do_sample=False, streamer=streamer, pad_token_id=service.tokenizer.pad_token_id)
+            service.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=request.max_tokens or service.max_new_tokens, streamer=streamer,
+                                   pad_token_id=service.tokenizer.pad_token_id,
+                                   **service.generation_kwargs(request.temperature))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
