@@ -8,6 +8,7 @@ matrix product is exact and fast). See `Storage.search_memories`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ class Memory:
         self._encoder = encoder
         self.k = k
         self.min_similarity = min_similarity
+        self._lock = threading.Lock()  # the service embeds from several threads; fast tokenizers are not thread-safe
 
     @property
     def encoder(self):
@@ -29,7 +31,8 @@ class Memory:
         return self._encoder
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+        with self._lock:
+            vectors = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
         return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8, None)
 
     def recall(self, query: str, storage: Any, user_id: str) -> list[str]:

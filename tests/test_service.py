@@ -92,7 +92,8 @@ def test_batching_groups_concurrent_users(service):
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            await asyncio.gather(*[c.post("/v1/chat/completions", json=body(user=f"u{i}")) for i in range(6)])
+            replies = await asyncio.gather(*[c.post("/v1/chat/completions", json=body(user=f"u{i}")) for i in range(6)])
+        assert [r.status_code for r in replies] == [200] * 6
 
     asyncio.run(run())
     assert max(service.batcher.batch_sizes) > 1
@@ -251,5 +252,5 @@ def test_max_tokens_and_temperature_are_honoured(client, service):
     assert full["usage"]["completion_tokens"] > short["usage"]["completion_tokens"]
     groups = service._generate_batch([([{"role": "user", "content": "hello"}], 1, None),
                                       ([{"role": "user", "content": "hello"}], None, 0.8)])
-    assert len(groups) == 2
+    assert len(groups) == 2 and all(prompt > 0 for _, prompt, _ in groups)
     assert service.generation_kwargs(0.8)["do_sample"] and not service.generation_kwargs()["do_sample"]

@@ -178,16 +178,20 @@ class PersonaService:
                                     max_new_tokens=max_tokens or self.max_new_tokens, batch_size=len(conversations),
                                     **self.generation_kwargs(temperature)).texts
 
-    def _generate_batch(self, items: list[tuple[list[dict[str, str]], Optional[int], Optional[float]]]) -> list[str]:
-        """The batcher's worker: requests with the same (max_tokens, temperature) share a call."""
+    def _generate_batch(self, items: list[tuple[list[dict[str, str]], Optional[int], Optional[float]]]
+                        ) -> list[tuple[str, int, int]]:
+        """The batcher's worker: requests with the same (max_tokens, temperature) share a call.
+        Returns (reply, prompt tokens, completion tokens) per request."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, max_tokens, temperature) in enumerate(items):
             groups[(max_tokens or self.max_new_tokens, temperature or 0.0)].append(i)
-        replies: list[str] = [""] * len(items)
+        replies: list[tuple[str, int, int]] = [("", 0, 0)] * len(items)
         for (max_tokens, temperature), members in groups.items():
             texts = self.generate([items[i][0] for i in members], max_tokens, temperature)
-            for i, text in zip(members, texts):
-                replies[i] = text
+            with self.model_lock:  # the fast tokenizer must not be used from two threads at once
+                for i, text in zip(members, texts):
+                    prompt = self.tokenizer.apply_chat_template(items[i][0], add_generation_prompt=True)
+                    replies[i] = (text, len(prompt), len(self.tokenizer(text)["input_ids"]))
         return replies
 
     def conversation(self, persona: str, request: ChatRequest) -> tuple[list[dict[str, str]], str]:
@@ -264,10 +268,10 @@ def create_app(service: PersonaService) -> FastAPI:
         async with lock:
             persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
             conversation, message = await asyncio.to_thread(service.conversation, persona, request)
-            reply = await service.batcher.submit((conversation, request.max_tokens, request.temperature))
+            reply, prompt_tokens, completion_tokens = await service.batcher.submit(
+                (conversation, request.max_tokens, request.temperature))
             await asyncio.to_thread(service.persist, request.user, persona, message, reply, request.model)
-        prompt_tokens = len(service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
-        return _completion(persona, request.model, reply, prompt_tokens, len(service.tokenizer(reply)["input_ids"]))
+        return _completion(persona, request.model, reply, prompt_tokens, completion_tokens)
 
     @app.get("/v1/users/{user_id}")
     async def get_user(user_id: str):
@@ -328,12 +332,12 @@ async def _stream_events(service: PersonaService, persona: str, request: ChatReq
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(service.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
 
     def run():
         import torch
 
-        with service.model_lock, torch.no_grad():
+        with service.model_lock, torch.no_grad():  # the lock also guards the (not thread-safe) tokenizer
+            ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
             service.model.generate(ids, attention_mask=torch.ones_like(ids),
                                    max_new_tokens=request.max_tokens or service.max_new_tokens, streamer=streamer,
                                    pad_token_id=service.tokenizer.pad_token_id,
