@@ -32,6 +32,9 @@ class PolicyArguments:
     episodes: int = field(default=100, metadata={"help": "Conversations per evaluation seed."})
     output_dir: str = field(default="outputs/trait_policy", metadata={"help": "Policies and results."})
     seed: int = field(default=0, metadata={"help": "Training seed."})
+    dqn_kwargs: dict = field(default_factory=lambda: {"exploration_fraction": 0.3, "learning_starts": 1000},
+                             metadata={"help": "Extra DQN arguments (stable-baselines3)."})
+    ppo_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra PPO arguments (stable-baselines3)."})
 
 
 def summary(per_seed: list[float]) -> dict[str, float]:
@@ -106,7 +109,7 @@ def main(args: PolicyArguments) -> dict:
         from stable_baselines3.common.monitor import Monitor
 
         cls = {"dqn": DQN, "ppo": PPO}[algorithm]
-        kwargs = {"exploration_fraction": 0.3, "learning_starts": 1000} if algorithm == "dqn" else {}
+        kwargs = args.dqn_kwargs if algorithm == "dqn" else args.ppo_kwargs
         train_env = Monitor(ConversationEnv(train_users))
         model = cls("MlpPolicy", train_env, seed=args.seed, verbose=0, **kwargs)
         model.learn(total_timesteps=args.timesteps, progress_bar=False)
