@@ -67,6 +67,10 @@ def reward_components(prompts: Sequence[str], replies: Sequence[str], personas: 
     n = len(replies)
     if not (len(prompts) == len(personas) == n):
         raise ValueError("prompts, replies and personas must have the same length.")
+    known = set(ctx.examples or ()) | set(getattr(ctx.classifier, "labels", ()) or ())
+    unknown = sorted({p for p in personas if p and known and p not in known})
+    if unknown:  # "" (no persona in the prompt) scores 0 on the persona components
+        raise ValueError(f"Unknown personas {unknown}; the reward knows {sorted(known)}.")
     enc = lambda texts: np.asarray(ctx.encoder.encode(list(texts)))  # noqa: E731
     reply_vecs = enc([r if r.strip() else "." for r in replies])
     out = {

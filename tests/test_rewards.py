@@ -65,3 +65,42 @@ def test_reward_model_speaks_trls_ppo_interface(ctx, persona_model):
     assert score.tolist() == pytest.approx([0.9])
     assert int(lengths[0]) == prompt.shape[1] + reply.shape[1] - 1
     assert rm.last_components["classifier_confidence"].tolist() == pytest.approx([0.9])
+
+
+def test_bad_input_empty_reply_and_unknown_persona(ctx):
+    parts = reward_components(["hi", "hi"], ["", "Ahoy matey, a fine day for sailing!"], ["pirate", "pirate"], ctx)
+    assert parts["complete"][0] == 0 and parts["length"][0] == 0 and parts["goal"][0] < parts["goal"][1]
+    with pytest.raises(ValueError, match="Unknown personas \\['ghost'\\]"):
+        reward_components(["hi"], ["beep."], ["ghost"], ctx)
+    no_persona = reward_components(["hi"], ["beep."], [""], ctx)  # a prompt without persona tokens
+    assert no_persona["classifier_confidence"][0] == 0 and no_persona["example_similarity"][0] == 0
+
+
+@pytest.mark.slow
+def test_each_component_prefers_the_in_character_reply():
+    """Real MiniLM: an in-character reply beats an out-of-character one on every persona component,
+    and a relevant, complete, friendly reply beats a curt, truncated, repetitive one on the goal."""
+    from personaweave.zoo import default_encoder
+
+    class KeywordClassifier:  # the trained classifier is not shipped; this one reads pirate talk
+        labels = ["pirate", "butler"]
+
+        def predict_proba(self, texts):
+            words = [set(t.lower().replace(",", " ").replace("!", " ").split()) for t in texts]
+            return np.array([[0.9, 0.1] if w & {"arr", "matey", "ahoy"} else [0.2, 0.8] for w in words])
+
+    ctx = RewardContext(encoder=default_encoder(), classifier=KeywordClassifier(),
+                        examples={"pirate": ["Arr, matey! The sea be calling and me ship be ready to sail.",
+                                             "Ahoy! Hoist the sails, we plunder at dawn!"],
+                                  "butler": ["Very good, sir. Shall I prepare the tea in the drawing room?"]})
+    prompt = "What do you like to do on weekends?"
+    replies = ["Arr, matey! I sail the seven seas and hunt for treasure with me crew every weekend.",
+               "Very good, sir. I spend my weekends polishing the silver and arranging the library."]
+    parts = reward_components([prompt] * 2, replies, ["pirate", "pirate"], ctx)
+    assert parts["classifier_confidence"][0] > parts["classifier_confidence"][1]
+    assert parts["example_similarity"][0] > parts["example_similarity"][1]
+    good = "On weekends I love hiking with friends and cooking a big, happy dinner together."
+    bad = "weekends weekends weekends weekends and the"
+    goal = reward_components([prompt] * 2, [good, bad], ["pirate"] * 2, ctx)
+    for key in ("relevance", "repetition", "complete", "goal"):
+        assert goal[key][0] > goal[key][1], key
