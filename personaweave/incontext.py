@@ -19,6 +19,7 @@ import numpy as np
 from .personas import TRAITS, Persona
 
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+_PAIR = re.compile(r"[\"']?([A-Za-z_]+)[\"']?\s*:\s*(-?\d+(?:\.\d+)?)")
 
 
 def parse_traits(text: str, default: Optional[Mapping[str, float]] = None) -> dict[str, float]:
@@ -49,7 +50,13 @@ def parse_traits(text: str, default: Optional[Mapping[str, float]] = None) -> di
                     traits[name] = float(np.clip(number, 0.0, 1.0))
         if traits:
             return {**fallback, **traits}
-    return fallback
+    # an object cut off by the token limit ('{"humor": 0.3, "empathy": 0.8,'): read its pairs
+    opened = (text or "").find("{")
+    traits = {}
+    for key, value in _PAIR.findall(text[opened:] if opened >= 0 else ""):
+        if key.lower() in TRAITS:
+            traits[key.lower()] = float(np.clip(float(value), 0.0, 1.0))
+    return {**fallback, **traits} if traits else fallback
 
 
 def traits_to_blend(traits: Mapping[str, float], personas: Sequence[Persona], min_weight: float = 1e-3
@@ -131,7 +138,7 @@ class InContextTraitEstimator:
         return parse_traits(self.generate(trait_prompt(self.examples_for(text), text)))
 
 
-def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 120):
+def local_generator(model: Any, tokenizer: Any, max_new_tokens: int = 160):
     """`generate(messages) -> str` with a local HF chat model (greedy)."""
     import torch
 

@@ -18,6 +18,11 @@ def test_parse_traits_from_messy_answers():
     assert parse_traits("{broken {\"openness\": 0.7}")["openness"] == 0.7
     assert parse_traits("", default={"humor": 0.1}) == {"humor": 0.1}
     assert set(parse_traits('{"HUMOR ": 1}')) == set(TRAITS)
+    cut = 'This is a JSON object:\n```json\n{\n    "extraversion": 0.4,\n    "humor": 1.3,\n    "empathy": 0.8,\n    "enth'
+    truncated = parse_traits(cut)  # a small model's answer cut off by the token limit
+    assert (truncated["extraversion"], truncated["humor"], truncated["empathy"]) == (0.4, 1.0, 0.8)
+    assert truncated["formality"] == 0.5
+    assert parse_traits("humor: 0.9 but no object") == {t: 0.5 for t in TRAITS}
 
 
 def test_nnls_recovers_a_planted_mixture():
