@@ -49,12 +49,10 @@ def sample(policy: Any, tokenizer: Any, conversations: list, seed: int, max_new_
     eos = tokenizer.eos_token_id
     for i in range(0, len(conversations), batch_size):
         prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
-        width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
-                              top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        out = policy.generate(**batch, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         for prompt, row in zip(prompts, out[:, width:].tolist()):
             reply = row[: row.index(eos) + 1] if eos in row else row
             samples.append((prompt, reply))
@@ -100,7 +98,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
            **{k: float(v.mean()) for k, v in parts.items()}, "distinct_2": distinct_n(replies, 2),
            "mean_words": float(np.mean([len(r.split()) for r in replies])), "perplexity_neutral": ppl,
            "kl_to_reference": 0.0 if reference else sequence_kl(policy, samples),
-           "per_persona_accuracy": {p: float(np.mean([h for h, (q, _) in zip(hits, rows) if q == p]))
+           "per_persona_accuracy": {p: float(np.mean([hit for hit, (who, _) in zip(hits, rows) if who == p]))
                                     for p in personas}}
     out["examples"] = [{"persona": p, "prompt": q, "reply": r} for (p, q), r in list(zip(rows, replies))[::25]]
     return out
