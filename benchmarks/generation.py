@@ -54,7 +54,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import personaweave
-    from personaweave import PersonaWeaveForCausalLM
+    from personaweave import PersonaWeaveForCausalLM, from_base
     from personaweave.zoo import load_base
 
     if args.base == "smollm2-135m-instruct":
@@ -69,7 +69,7 @@ def main() -> None:
     bare, tokenizer = load_base(args.base)
     base_load = time.perf_counter() - start
     start = time.perf_counter()
-    model, persona_tok = PersonaWeaveForCausalLM.from_base(args.base, personas="default")
+    model, persona_tok = from_base(args.base, personas="default")
     persona_load = time.perf_counter() - start
     emit(name="load_time", base_seconds=round(base_load, 2), personaweave_from_base_seconds=round(persona_load, 2),
          note="from_base also loads MiniLM and encodes 8 descriptions")

@@ -31,16 +31,16 @@ def prepare(folder: str) -> dict[str, str]:
     """Export everything into `folder`; returns variant -> model location."""
     from optimum.exporters.onnx import main_export
 
-    from personaweave import PersonaWeaveForCausalLM
-    from personaweave.export import export_onnx, quantize_int8
-    from personaweave.pretrained import has_shipped_checkpoint, load_pretrained_personas
-    from personaweave.saving import save_folder_atomically
+    from personaweave import from_base
+    from personaweave.export.onnx import export_onnx, quantize_onnx_int8
+    from personaweave.files import save_folder_atomically
+    from personaweave.loading import has_shipped_checkpoint, load_pretrained_personas
     from personaweave.zoo import smollm2_folder
 
     if has_shipped_checkpoint():
         model, tok, _ = load_pretrained_personas(with_adapters=False)
     else:
-        model, tok = PersonaWeaveForCausalLM.from_base(personas="default")
+        model, tok = from_base(personas="default")
     torch_dir = os.path.join(folder, "torch")
     save_folder_atomically(model, tok, torch_dir)
     start = time.perf_counter()
@@ -49,7 +49,7 @@ def prepare(folder: str) -> dict[str, str]:
     base_dir, _ = smollm2_folder()
     start = time.perf_counter()
     main_export(base_dir, os.path.join(folder, "stock"), task="text-generation-with-past")
-    quantize_int8(os.path.join(folder, "stock"))
+    quantize_onnx_int8(os.path.join(folder, "stock"))
     print(json.dumps({"name": "export_stock_seconds", "seconds": round(time.perf_counter() - start, 1)}))
     return {
         "torch_fp32_personaweave": torch_dir,

@@ -26,9 +26,9 @@ VARIANTS = {"default": {}, "matmul_only": {"operators_to_quantize": ["MatMul"], 
 
 
 def quantize(onnx_dir: str, name: str) -> str:
-    from personaweave.export import quantize_int8
+    from personaweave.export.onnx import quantize_onnx_int8
 
-    return quantize_int8(onnx_dir, suffix=f"quantized_{name}", **VARIANTS[name])
+    return quantize_onnx_int8(onnx_dir, suffix=f"quantized_{name}", **VARIANTS[name])
 
 
 def timing(variant: str, location: str) -> dict:
@@ -39,7 +39,7 @@ def timing(variant: str, location: str) -> dict:
 
 
 def main() -> None:
-    from personaweave.evaluation import evaluate_onnx
+    from personaweave.evaluation.harness import evaluate_onnx
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", default="outputs/onnx")

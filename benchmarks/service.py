@@ -36,15 +36,15 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     args = parser.parse_args()
 
-    from personaweave.pretrained import has_shipped_checkpoint, load_pretrained_personas
-    from personaweave.service import PersonaService, Storage, create_app
+    from personaweave.loading import has_shipped_checkpoint, load_pretrained_personas
+    from personaweave.serving import PersonaService, Storage, create_app
 
     if has_shipped_checkpoint():
         model, tok, _ = load_pretrained_personas(with_adapters=False)
     else:
-        from personaweave import PersonaWeaveForCausalLM
+        from personaweave import from_base
 
-        model, tok = PersonaWeaveForCausalLM.from_base(personas="default")
+        model, tok = from_base(personas="default")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batching in (False, True):

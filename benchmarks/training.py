@@ -41,11 +41,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import personaweave
-    from personaweave import PersonaWeaveForCausalLM
-    from personaweave.adapters import add_sub_personality, lora_config, set_sub_personality
-    from personaweave.training import freeze_base
+    from personaweave import from_base
+    from personaweave.sub_personalities import add_sub_personality, lora_config, set_sub_personality
+    from personaweave.training.sft import freeze_base
 
-    model, tok = PersonaWeaveForCausalLM.from_base(personas="default")
+    model, tok = from_base(personas="default")
     model.train()
     freeze_base(model)
     k = model.config.num_persona_tokens

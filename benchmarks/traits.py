@@ -1,5 +1,5 @@
 """Trait model deployment figures: teacher vs distilled student vs int8 student, in PyTorch and
-as ONNX graphs run by the torch-free `personaweave.lite` predictor, in one run.
+as ONNX graphs run by the torch-free `personaweave.traits.onnx_runtime` predictor, in one run.
 
 Size on disk, peak resident memory (each variant in its own process), latency per prediction at
 batch 1 and 32, and quality (share of traits within 0.1, MAE) on the test split. ONNX variants
@@ -82,14 +82,14 @@ def measure(variant: str, path: str) -> dict:
 
     from personaweave import PersonaTraitModel
     from personaweave.data import load_persona_dialogues
-    from personaweave.distill import quantize_int8
-    from personaweave.metrics import load_trait_metrics
+    from personaweave.evaluation.metrics import load_trait_metrics
+    from personaweave.training.distillation import quantize_torch_dynamic_int8
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = PersonaTraitModel.from_pretrained(path).eval()
     size = folder_mb(path)
     if variant.endswith("int8"):
-        model = quantize_int8(model)
+        model = quantize_torch_dynamic_int8(model)
         with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
             torch.save(model.state_dict(), handle.name)  # our own file, only to measure the size
             size = os.path.getsize(handle.name) / 2**20

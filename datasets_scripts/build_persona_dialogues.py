@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets import Dataset, DatasetDict
 
-    from personaweave.personas import TRAITS
+    from personaweave.models.personas import TRAITS
     from personaweave.zoo import load_base, load_default_personas
 
     start = time.time()

@@ -5,16 +5,24 @@ Importing the package registers the PersonaWeave classes with transformers' Auto
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from .chat import chat, describe
-from .configuration_personaweave import PersonaWeaveConfig
-from .modeling_personaweave import (
+from personaweave.chat import chat, prompt_baseline_messages
+from personaweave.encoders import default_encoder
+from personaweave.loading import from_base, load_model
+from personaweave.models import (
+    TRAITS,
+    Persona,
+    PersonaBank,
     PersonaEmbedding,
+    PersonaTraitConfig,
+    PersonaTraitModel,
+    PersonaWeaveConfig,
     PersonaWeaveForCausalLM,
     PersonaWeaveForConditionalGeneration,
     PersonaWeavePreTrainedModel,
+    persona_prompt,
+    persona_token,
 )
-from .personas import TRAITS, Persona, PersonaBank, persona_prompt, persona_token
-from .traits import PersonaTraitConfig, PersonaTraitModel
+from personaweave.models import modeling_personaweave as _modeling
 
 __version__ = "0.1.0"
 
@@ -30,6 +38,8 @@ PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 PersonaTraitConfig.register_for_auto_class()
 PersonaTraitModel.register_for_auto_class("AutoModel")
+# Descriptions are encoded by the shipped MiniLM unless a call passes its own encoder.
+_modeling.DEFAULT_ENCODER_FACTORY = default_encoder
 
 
 def add_persona_tokens(tokenizer, model) -> list[str]:
@@ -59,7 +69,9 @@ __all__ = [
     "PersonaTraitModel",
     "add_persona_tokens",
     "chat",
-    "describe",
+    "from_base",
+    "load_model",
+    "prompt_baseline_messages",
     "persona_prompt",
     "persona_token",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from .personas import check_name, persona_prompt
+from personaweave.models.personas import check_name, persona_prompt
 
 DEFAULT_NUM_PERSONA_TOKENS = 4
 
@@ -48,7 +48,7 @@ def chat(
     return messages
 
 
-def describe(persona_description: str, user_message: str,
+def prompt_baseline_messages(persona_description: str, user_message: str,
              history: Optional[Sequence[dict[str, str]]] = None) -> list[dict[str, str]]:
     """The prompt-described baseline: the description as a plain system prompt, no tokens."""
     messages = [{"role": "system", "content": f"You are {persona_description}. Stay in character."}]

@@ -13,37 +13,31 @@ from typing import Optional
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from --model DIR (a saved PersonaWeave folder), --base (a fresh build with an
     untrained persona layer), or by default the shipped trained personas on the shipped SmolLM2."""
-    from transformers import AutoTokenizer
-
-    from . import PersonaWeaveForCausalLM
+    from personaweave.loading import from_base, load_model, warn_if_untrained
 
     if getattr(args, "model", None):
         _require_model_folder(args.model)
-        model = PersonaWeaveForCausalLM.from_pretrained(args.model).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        tokenizer.padding_side = "left"
-        return model, tokenizer
-    if getattr(args, "base", None) is None:
-        from .pretrained import has_shipped_checkpoint, load_pretrained_personas
-
-        if has_shipped_checkpoint():
-            model, tokenizer, _ = load_pretrained_personas(with_adapters=False)
-            return model.eval(), tokenizer
-    return PersonaWeaveForCausalLM.from_base(args.base or "smollm2-135m-instruct", personas="default")
+        model, tokenizer, _ = load_model(args.model, with_adapters=False)
+    elif getattr(args, "base", None):
+        model, tokenizer = from_base(args.base, personas="default")
+    else:
+        model, tokenizer, _ = load_model(with_adapters=False)
+    warn_if_untrained(model, log=lambda m: print(f"warning: {m}", file=sys.stderr))
+    return model, tokenizer
 
 
 def _require_model_folder(path: str) -> None:
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise SystemExit(f"error: {path} is not a model folder (no config.json).")
-    with open(config, encoding="utf-8") as handle:
-        if json.load(handle).get("model_type") != "personaweave":
-            raise SystemExit(f"error: {path} does not hold a PersonaWeave model (model_type != 'personaweave').")
+    from personaweave.loading import read_model_config
+
+    try:
+        read_model_config(path)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from . import chat
-    from .generation import generate_replies
+    from personaweave.chat import chat
+    from personaweave.generation import generate_replies
 
     model, tokenizer = _load(args)
     if args.persona not in model.config.persona_names:
@@ -71,8 +65,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_personas(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from . import PersonaWeaveForCausalLM
-    from .saving import save_folder_atomically
+    from personaweave.files import save_folder_atomically
+    from personaweave.models import PersonaWeaveForCausalLM
 
     _require_model_folder(args.model)
     model = PersonaWeaveForCausalLM.from_pretrained(args.model)
@@ -94,20 +88,16 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
 
 def _parse_weights(items: Sequence[str]) -> dict[str, float]:
-    weights = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: blend weight {item!r} is not NAME=WEIGHT")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise SystemExit(f"error: blend weight {item!r} is not a number") from None
-    return weights
+    from personaweave.models.personas import parse_blend
+
+    try:
+        return parse_blend(items)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from personaweave.demo import run_demo
 
     run_demo(base=args.base or "smollm2-135m-instruct", model_dir=args.model, max_new_tokens=args.max_new_tokens)
     return 0
@@ -117,8 +107,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from .data import load_persona_dialogues
-    from .discovery import center_within_groups, cluster_dialogues, embed_units
+    from personaweave.data import load_persona_dialogues
+    from personaweave.data.discovery import center_within_groups, cluster_dialogues, embed_units
 
     data = load_persona_dialogues(args.split, data_dir=args.dataset_dir)
     raw = embed_units(list(data["response"]))
@@ -151,24 +141,25 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_onnx, evaluate_personas, save_json
+    from personaweave.evaluation.harness import evaluate_onnx, evaluate_personas
+    from personaweave.files import write_json
 
     if args.onnx:
         results = {f: evaluate_onnx(args.onnx, args.classifier, file_name=f, num_prompts=args.num_prompts,
                                     seed=args.seed, max_new_tokens=args.max_new_tokens) for f in args.onnx_files}
-        save_json(results, args.out)
+        write_json(results, args.out)
         print(json.dumps({f: r["persona_accuracy"] for f, r in results.items()}))
         return 0
     results = evaluate_personas(args.model, args.classifier, num_prompts=args.num_prompts, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
-    save_json(results, args.out)
+    write_json(results, args.out)
     print(json.dumps({"summary": results["summary"], "blends": results["blends"],
                       "perplexity": results["perplexity"], "classifier": results["classifier"]}, indent=1))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from personaweave.export.onnx import export_onnx
 
     out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
     print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
@@ -178,7 +169,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .hub import prepare_upload, push_to_hub
+    from personaweave.export.hub import prepare_upload, push_to_hub
 
     results = None
     if args.eval:
@@ -201,16 +192,16 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .memory import Memory
-    from .service import PersonaService, Storage, create_app
+    from personaweave.serving import PersonaService, Storage, create_app
+    from personaweave.serving.memory import Memory
 
     model, tokenizer = _load(args)
     adapter = None
     if args.adaptive:
-        from .adaptation.adapter import PersonaAdapter
-        from .adaptation.policy import load_policy
+        from personaweave.serving.adaptation.engine import TraitAdaptationEngine
+        from personaweave.serving.adaptation.policy import load_policy
 
-        adapter = PersonaAdapter(model, tokenizer, policy=load_policy(args.policy) if args.policy else None)
+        adapter = TraitAdaptationEngine(model, tokenizer, policy=load_policy(args.policy) if args.policy else None)
     experiment = _parse_weights(args.ab_test) if args.ab_test else None
     service = PersonaService(model, tokenizer, Storage(args.db), memory=None if args.no_memory else Memory(),
                              adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching,

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from personaweave.zoo import SMOLLM2
+
 PROMPTS = [
     "What should I read this weekend?",
     "I can't sleep before big exams. Any advice?",
@@ -22,35 +24,23 @@ SHOWN = ["pirate", "robot", "butler"]
 BLEND = ("librarian_robot", {"librarian": 0.5, "robot": 0.5})
 
 
-def persona_layer_is_trained(model) -> bool:
-    """An untrained PersonaEmbedding has an all-zero output layer (every persona maps alike)."""
-    return bool(model.persona_embedding.net[2].weight.detach().abs().max() > 0)
-
-
-def _load(base: str, model_dir: Optional[str]):
-
-    from . import PersonaWeaveForCausalLM
-    from .pretrained import has_shipped_checkpoint, load_pretrained_personas
-
-    if model_dir:
-        from .evaluation import load_for_eval
-
-        return load_for_eval(model_dir)
-    if base == "smollm2-135m-instruct" and has_shipped_checkpoint():
-        return load_pretrained_personas()
-    model, tokenizer = PersonaWeaveForCausalLM.from_base(base, personas="default")
-    return model, tokenizer, None
-
-
-def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = None,
+def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
              max_new_tokens: int = 40, width: int = 38) -> None:
-    from . import chat, describe
-    from .adapters import blend_sub_personalities, set_sub_personality, sub_personalities
-    from .evaluation import master_mode
-    from .generation import Replies, generate_replies
+    from personaweave.chat import chat, prompt_baseline_messages
+    from personaweave.generation import Replies, generate_replies
+    from personaweave.loading import from_base, load_model, persona_layer_is_trained
+    from personaweave.sub_personalities import (
+        blend_sub_personalities,
+        master_only,
+        set_sub_personality,
+        sub_personalities,
+    )
 
     start = time.perf_counter()
-    model, tokenizer, peft = _load(base, model_dir)
+    if model_dir or base == SMOLLM2:
+        model, tokenizer, peft = load_model(model_dir, base=base)
+    else:
+        (model, tokenizer), peft = from_base(base, personas="default"), None
     name, weights = BLEND
     if name not in model.config.persona_names:
         model.add_persona(name, blend=weights, tokenizer=tokenizer)
@@ -75,9 +65,9 @@ def run_demo(base: str = "smollm2-135m-instruct", model_dir: Optional[str] = Non
 
     token_chats = [chat(p, q, model=model) for p in shown for q in PROMPTS]
     token_label = "persona token" + ("" if trained else " (untrained)")
-    with master_mode(peft):
+    with master_only(peft):
         generate(token_label, token_chats)
-        generate("prompt baseline", [describe(bank[p].description, q) for p in shown for q in PROMPTS])
+        generate("prompt baseline", [prompt_baseline_messages(bank[p].description, q) for p in shown for q in PROMPTS])
     if peft is not None:
         texts, tokens, start = [], 0, time.perf_counter()
         for p in shown:

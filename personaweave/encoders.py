@@ -1,4 +1,4 @@
-"""Persona encoder: natural-language description -> persona vector."""
+"""Sentence encoder: a description, profile or reply -> a unit-norm vector (persona vectors, similarity)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Optional
 
 import numpy as np
 
+from personaweave.zoo import minilm_path
 
-class PersonaEncoder:
+
+class SentenceEncoder:
     """A sentence-transformers encoder; by default the all-MiniLM-L6-v2 shipped on PyPI (384-d).
 
     Vectors are L2-normalised, so cosine similarity is a dot product and blends of unit vectors
@@ -18,8 +20,6 @@ class PersonaEncoder:
 
     def __init__(self, model_name_or_path: Optional[str] = None, device: Optional[str] = None) -> None:
         from sentence_transformers import SentenceTransformer
-
-        from .zoo import minilm_path
 
         self.model_name_or_path = model_name_or_path or minilm_path()
         self.model = SentenceTransformer(self.model_name_or_path, device=device or "cpu")
@@ -42,6 +42,11 @@ class PersonaEncoder:
 
 
 @lru_cache(maxsize=4)
-def cached_encoder(model_name_or_path: Optional[str] = None) -> PersonaEncoder:
+def cached_encoder(model_name_or_path: Optional[str] = None) -> SentenceEncoder:
     """One encoder per path per process: loading MiniLM takes about a second."""
-    return PersonaEncoder(model_name_or_path)
+    return SentenceEncoder(model_name_or_path)
+
+
+def default_encoder() -> SentenceEncoder:
+    """The shipped MiniLM encoder (one per process)."""
+    return cached_encoder(None)

@@ -59,8 +59,8 @@ def vocabulary(texts, size: int = 600) -> tuple[str, ...]:
 def tiny_persona_model(num_persona_tokens: int = 2, persona_dim: int = 8, seed: int = 0, personas=None,
                        extra_words: tuple[str, ...] = ()):
     """(model, tokenizer): a tiny Llama with the default personas (random vectors, untrained layer)."""
-    from . import PersonaWeaveConfig, PersonaWeaveForCausalLM
-    from .zoo import load_default_personas
+    from personaweave.models import PersonaWeaveConfig, PersonaWeaveForCausalLM
+    from personaweave.zoo import load_default_personas
 
     tok = tiny_tokenizer(extra_words)
     # Wider initial weights than a real LM's 0.02, so that a few smoke-test steps move the loss.

@@ -61,7 +61,7 @@ def smollm2_folder(use_cache: bool = True) -> tuple[str, dict[str, Any]]:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .saving import save_folder_atomically
+        from personaweave.files import save_folder_atomically
 
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
@@ -88,16 +88,9 @@ def load_base(base: str = SMOLLM2, use_cache: bool = True, **kwargs: Any):
     return model, tokenizer
 
 
-def default_encoder():
-    """The shipped MiniLM encoder (cached per process)."""
-    from .encoders import cached_encoder
-
-    return cached_encoder(None)
-
-
 def load_default_personas():
     """The packaged default persona set (eight personas, traits and example replies), no vectors."""
-    from .personas import Persona
+    from personaweave.models.personas import Persona
 
     text = resources.files("personaweave.data").joinpath("default_personas.json").read_text("utf-8")
     return [Persona.from_dict(p) for p in json.loads(text)]

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from personaweave.adaptation.abtest import simulate_sequential
+from personaweave.serving.adaptation.abtest import simulate_sequential
 
 
 def main() -> None:

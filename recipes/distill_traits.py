@@ -13,8 +13,8 @@ from trl import TrlParser
 
 from personaweave import PersonaTraitModel
 from personaweave.data import load_persona_dialogues
-from personaweave.distill import DistillationTrainer, make_student
-from personaweave.saving import save_folder_atomically
+from personaweave.files import save_folder_atomically
+from personaweave.training.distillation import DistillationTrainer, make_student
 
 
 @dataclass

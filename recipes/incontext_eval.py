@@ -18,9 +18,9 @@ import json
 import numpy as np
 from tqdm.auto import tqdm
 
-from personaweave.evaluation import save_json
-from personaweave.incontext import InContextTraitEstimator, parse_traits, trait_prompt
-from personaweave.personas import TRAITS
+from personaweave.files import write_json
+from personaweave.models.personas import TRAITS
+from personaweave.traits.incontext import InContextTraitEstimator, parse_traits, trait_prompt
 
 
 def scores(predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, float]:
@@ -30,8 +30,9 @@ def scores(predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, fl
 
 def main() -> None:
     from personaweave.data import load_persona_dialogues
-    from personaweave.incontext import local_generator, openai_generator
-    from personaweave.zoo import default_encoder, load_base
+    from personaweave.encoders import default_encoder
+    from personaweave.traits.incontext import local_generator, openai_generator
+    from personaweave.zoo import load_base
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts_per_persona", type=int, default=4)
@@ -75,7 +76,7 @@ def main() -> None:
     results = {name: scores(rows[name], rows["truth"]) for name in ("llm", "bank_mean", "nearest_example")}
     results.update(contexts=len(rows["truth"]), usable_json_share=round(parsed / len(rows["truth"]), 3),
                    generator=args.url or "local SmolLM2-135M-Instruct (greedy)", answers=answers[::4])
-    save_json(results, args.output)
+    write_json(results, args.output)
     print(json.dumps({k: v for k, v in results.items() if k != "answers"}))
 
 

@@ -24,7 +24,7 @@ import torch
 from trl import TrlParser
 
 from personaweave.data import load_persona_dialogues
-from personaweave.meta import TraitTask, few_shot_mse, group_embeddings, maml_train, pretrain_head
+from personaweave.training.meta_learning import TraitTask, few_shot_mse, group_embeddings, maml_train, pretrain_head
 
 
 @dataclass

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from personaweave import describe
-from personaweave.evaluation import PersonaClassifier, save_json
+from personaweave.chat import prompt_baseline_messages
+from personaweave.evaluation import PersonaClassifier
+from personaweave.files import write_json
 
 
 def user_scripts(prompts: list[str], conversations: int, turns: int) -> list[list[str]]:
@@ -34,7 +35,7 @@ def user_scripts(prompts: list[str], conversations: int, turns: int) -> list[lis
 
 
 def run_service(service: Any, personas: list[str], scripts: list[list[str]], turns: int) -> dict[tuple, list[str]]:
-    from personaweave.service.app import ChatRequest
+    from personaweave.serving.app import ChatRequest
 
     replies: dict[tuple, list[str]] = {}
     keys = [(p, c) for p in personas for c in range(len(scripts))]
@@ -56,7 +57,7 @@ def run_baseline(service: Any, personas: list[str], scripts: list[list[str]], tu
     history: dict[tuple, list[dict[str, str]]] = {k: [] for k in keys}
     replies: dict[tuple, list[str]] = {k: [] for k in keys}
     for t in tqdm(range(turns), desc="baseline turns"):
-        prompts = [describe(model.personas[p].description, scripts[c][t], history[(p, c)][-history_turns:])
+        prompts = [prompt_baseline_messages(model.personas[p].description, scripts[c][t], history[(p, c)][-history_turns:])
                    for p, c in keys]
         texts = [r for i in range(0, len(prompts), 16) for r in service.generate(prompts[i:i + 16])]
         for (p, c), text in zip(keys, texts):
@@ -76,9 +77,9 @@ def accuracy_per_turn(classifier: PersonaClassifier, replies: dict[tuple, list[s
 
 def main() -> None:
     from personaweave.data import load_persona_dialogues
-    from personaweave.memory import Memory
-    from personaweave.pretrained import load_pretrained_personas
-    from personaweave.service import PersonaService, Storage
+    from personaweave.loading import load_pretrained_personas
+    from personaweave.serving import PersonaService, Storage
+    from personaweave.serving.memory import Memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default="outputs/persona_classifier")
@@ -105,7 +106,7 @@ def main() -> None:
                "examples": {f"{p}-{c}": {"service": service_replies[(p, c)][::3],
                                          "prompt_baseline": baseline_replies[(p, c)][::3]}
                             for p, c in list(service_replies)[:: len(scripts) * 2]}}
-    save_json(results, args.output)
+    write_json(results, args.output)
     print(json.dumps({k: results[k] for k in ("service", "prompt_baseline")}))
 
 

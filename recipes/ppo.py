@@ -3,7 +3,7 @@
 Policy: the trained PersonaWeave master with a new LoRA adapter (peft_config), so the reference
 is the same model with the adapter disabled (TRL's behaviour with peft and ref_model=None).
 Value model: a sequence-classification head (num_labels=1) on the base LM. Reward: the combined
-reward (`personaweave.rewards`) behind TRL's reward-model interface (`CombinedRewardModel`).
+reward (`personaweave.training.rewards`) behind TRL's reward-model interface (`CombinedRewardModel`).
 
 SmolLM2 pads with its EOS token (<|im_end|>), which also closes every chat turn; TRL masks pad
 tokens out of the query-response, so the recipe pads with <|endoftext|> instead.
@@ -24,9 +24,9 @@ from trl import TrlParser
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 from personaweave import PersonaWeaveForCausalLM, chat
-from personaweave.adapters import lora_config
 from personaweave.data import load_persona_dialogues
-from personaweave.rewards import CombinedRewardConfig, CombinedRewardModel, RewardContext, combined_reward
+from personaweave.sub_personalities import lora_config
+from personaweave.training.rewards import CombinedRewardConfig, CombinedRewardModel, RewardContext, combined_reward
 
 
 @dataclass
@@ -68,8 +68,8 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     """(policy, tokenizer, value model, reward model, dataset) for PPOTrainer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from personaweave.encoders import default_encoder
     from personaweave.evaluation import PersonaClassifier
-    from personaweave.zoo import default_encoder
 
     if model is None:
         model = PersonaWeaveForCausalLM.from_pretrained(script.model)

@@ -27,15 +27,10 @@ import numpy as np
 import torch
 
 from personaweave import chat
-from personaweave.evaluation import PersonaClassifier, distinct_n, master_mode, perplexity, save_json
-from personaweave.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
-
-
-def _reply_logprobs(model: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Log-probabilities of the tokens ids[0, start:] under `model`."""
-    logits = model(input_ids=ids).logits[0, start - 1:ids.shape[1] - 1].float()
-    return torch.log_softmax(logits, -1).gather(-1, ids[0, start:, None]).squeeze(-1)
-
+from personaweave.evaluation import PersonaClassifier, distinct_n, perplexity
+from personaweave.files import write_json
+from personaweave.sub_personalities import master_only
+from personaweave.training.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
 
 TEMPERATURE = 0.7  # recipes/configs/ppo.yaml
 
@@ -76,7 +71,7 @@ def sequence_kl(policy: Any, samples: list[tuple[list[int], list[int]]]) -> floa
             totals.append(0.0)
             continue
         current = _reply_logprobs(policy, prompt, reply)
-        with master_mode(policy):
+        with master_only(policy):
             reference = _reply_logprobs(policy, prompt, reply)
         totals.append(float((current - reference).sum()))
     return float(np.mean(totals))
@@ -87,7 +82,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
     personas = [p for p in model.config.persona_names if p in classifier.labels]
     rows = [(p, q) for p in personas for q in prompts]
     conversations = [chat(p, q, model=model) for p, q in rows]
-    with master_mode(policy) if reference else torch.no_grad():
+    with master_only(policy) if reference else torch.no_grad():
         replies, samples = sample(policy, tokenizer, conversations, seed)
         ppl = perplexity(policy, tokenizer, neutral)
     parts = reward_components([q for _, q in rows], replies, [p for p, _ in rows], ctx)
@@ -110,7 +105,7 @@ def main() -> None:
 
     from personaweave import PersonaWeaveForCausalLM
     from personaweave.data import load_persona_dialogues
-    from personaweave.zoo import default_encoder
+    from personaweave.encoders import default_encoder
 
     parser = argparse.ArgumentParser(description="Before/after PPO evaluation on held-out prompts.")
     parser.add_argument("--model", default="outputs/sft_persona/final")
@@ -135,7 +130,7 @@ def main() -> None:
         print(f"evaluating {name} PPO")
         results[name] = evaluate(policy, tokenizer, model, classifier, ctx, prompts, test, args.seed, reference)
         print({k: v for k, v in results[name].items() if not isinstance(v, (dict, list))})
-    save_json(results, args.output)
+    write_json(results, args.output)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import random
 
 from personaweave.data import load_persona_dialogues, load_synthetic_persona_chat
-from personaweave.meta import evaluate_protonet, group_embeddings, train_projection
+from personaweave.training.meta_learning import evaluate_protonet, group_embeddings, train_projection
 
 SPC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "synthetic_persona_chat",
                    "Synthetic-Persona-Chat_valid.csv")

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer, TrlParser
 
 from personaweave.data import load_persona_dialogues, persona_preference_pairs
-from personaweave.saving import save_folder_atomically
+from personaweave.files import save_folder_atomically
 
 
 @dataclass

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from personaweave import PersonaWeaveForCausalLM
-from personaweave.adapters import add_sub_personality, lora_config, save_sub_personalities, set_sub_personality
+from personaweave import PersonaWeaveForCausalLM, from_base
 from personaweave.data import load_persona_dialogues
-from personaweave.saving import save_folder_atomically
-from personaweave.training import (
+from personaweave.files import save_folder_atomically
+from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities, set_sub_personality
+from personaweave.training.sft import (
     NanGuard,
     ProgressiveUnfreezing,
     freeze_base,
@@ -90,7 +90,7 @@ def build_master(args: PersonaSFTArguments):
 
         model = PersonaWeaveForCausalLM.from_pretrained(args.master_model, **quantization_kwargs(args))
         return model, AutoTokenizer.from_pretrained(args.master_model)
-    return PersonaWeaveForCausalLM.from_base(args.base_model, personas="default",
+    return from_base(args.base_model, personas="default",
                                              num_persona_tokens=args.num_persona_tokens, **quantization_kwargs(args))
 
 

@@ -9,5 +9,5 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona.yaml
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality.yaml
 personaweave eval --model outputs/sft_sub_personality/final --num-prompts 25 --out outputs/eval.json
-python -c "from personaweave.pretrained import export_persona_checkpoint as e; \
+python -c "from personaweave.loading import export_persona_checkpoint as e; \
 e('outputs/sft_sub_personality/final', 'personaweave/data/checkpoint')"

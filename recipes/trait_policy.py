@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from trl import TrlParser
 
-from personaweave.adaptation.env import ConversationEnv, load_user_profiles
-from personaweave.adaptation.policy import export_policy, fixed_persona_envs, load_policy, run_episodes
+from personaweave.serving.adaptation.env import ConversationEnv, load_user_profiles
+from personaweave.serving.adaptation.policy import export_policy, fixed_persona_envs, load_policy, run_episodes
 from personaweave.zoo import load_default_personas
 
 
@@ -54,7 +54,7 @@ def evaluate(env, act, args) -> dict[str, dict[str, float]]:
 
 def oracle_policy(env: ConversationEnv):
     """Moves the trait furthest from the (hidden) user preference towards it: an upper bound."""
-    from personaweave.adaptation.env import DELTAS
+    from personaweave.serving.adaptation.env import DELTAS
 
     def act(obs: np.ndarray) -> int:
         gap = env.user - env.traits

@@ -27,9 +27,10 @@ from trl import TrlParser
 
 from personaweave import PersonaTraitModel
 from personaweave.data import load_persona_dialogues
-from personaweave.metrics import load_trait_metrics
-from personaweave.personas import TRAITS
-from personaweave.saving import save_folder_atomically
+from personaweave.evaluation.metrics import load_trait_metrics
+from personaweave.files import save_folder_atomically
+from personaweave.models.personas import TRAITS
+from personaweave.zoo import minilm_path
 
 ESSAY_COLUMNS = {"cEXT": "extraversion", "cNEU": "neuroticism", "cAGR": "agreeableness",
                  "cCON": "conscientiousness", "cOPN": "openness"}
@@ -88,8 +89,8 @@ def predict(model, tokenizer, texts, batch_size=64) -> np.ndarray:
 def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
     from datasets import Dataset
 
-    model = PersonaTraitModel.from_encoder(args.encoder)
-    tokenizer = AutoTokenizer.from_pretrained(args.encoder or __import__("personaweave.zoo").zoo.minilm_path())
+    model = PersonaTraitModel.from_encoder(args.encoder or minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(args.encoder or minilm_path())
     data = load_persona_dialogues(data_dir=args.dataset_dir)
     essays_train, essays_test = essay_rows(args.essays_csv, args.essays_test_share, training_args.seed)
     train_rows = dialogue_rows(data["train"], args.max_rows_per_persona) + essays_train

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from personaweave.adaptation.env import ConversationEnv, profile_traits
-from personaweave.adaptation.signals import SIGNAL_NAMES, extract_signals
+from personaweave.evaluation.signals import SIGNAL_NAMES, extract_signals
+from personaweave.serving.adaptation.env import ConversationEnv, profile_traits
 
 
 def test_signals():
@@ -79,12 +79,12 @@ def test_matching_traits_earn_more_than_opposite_ones():
 
 
 def test_persona_adapter_blends_gradually():
-    from personaweave.adaptation.adapter import PersonaAdapter
+    from personaweave.serving.adaptation.engine import TraitAdaptationEngine
     from personaweave.testing import tiny_persona_model
 
     model, tok = tiny_persona_model()
     humor_up = 5 * 5 + 4  # humor +0.2
-    adapter = PersonaAdapter(model, tok, policy=lambda obs: humor_up, smoothing=0.5)
+    adapter = TraitAdaptationEngine(model, tok, policy=lambda obs: humor_up, smoothing=0.5)
     name = adapter.step("alice", "haha tell me more")
     assert name == "user-alice" and name in model.config.persona_names
     assert adapter.states["alice"][5] == pytest.approx(0.6)  # half of the +0.2 step
@@ -97,14 +97,14 @@ def test_persona_adapter_blends_gradually():
     assert sum(blend.values()) == pytest.approx(1.0) and min(blend.values()) >= 0
     assert adapter.step("bob", "hi") == "user-bob"
     with pytest.raises(ValueError, match="smoothing"):
-        PersonaAdapter(model, tok, smoothing=0)
+        TraitAdaptationEngine(model, tok, smoothing=0)
 
 
 def test_policy_export_round_trip(tmp_path):
     pytest.importorskip("stable_baselines3")
     from stable_baselines3 import DQN, PPO
 
-    from personaweave.adaptation.policy import export_policy, load_policy
+    from personaweave.serving.adaptation.policy import export_policy, load_policy
 
     env = make_env()
     obs, _ = env.reset(seed=0)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_persona_model
 from test_modeling import encode
 
-from personaweave.adapters import (
+from personaweave.sub_personalities import (
     add_sub_personality,
     blend_sub_personalities,
     has_sub_personalities,

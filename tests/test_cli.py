@@ -44,7 +44,7 @@ def test_chat_with_a_saved_model(model_dir, capsys):
 
 def test_not_a_personaweave_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(SystemExit, match="not hold a PersonaWeave model"):
+    with pytest.raises(SystemExit, match="not a PersonaWeave model"):
         main(["personas", "list", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a model folder"):
         main(["personas", "list", str(tmp_path / "missing")])

@@ -16,7 +16,7 @@ from personaweave.data import (
     persona_preference_pairs,
     shipped_dataset_dir,
 )
-from personaweave.discovery import cluster_dialogues, discover_personas
+from personaweave.data.discovery import cluster_dialogues, discover_personas
 
 FIXTURES = Path(__file__).parent / "fixtures"
 COLUMNS = {"persona", "description", "traits", "messages", "prompt", "response", "source"}

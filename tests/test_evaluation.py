@@ -10,9 +10,9 @@ from test_adapters import CONFIG, perturb
 from test_modeling import encode
 
 from personaweave import PersonaWeaveConfig, PersonaWeaveForCausalLM
-from personaweave.adapters import add_sub_personality, lora_config, save_sub_personalities, set_sub_personality
 from personaweave.evaluation import distinct_n, perplexity
-from personaweave.pretrained import export_persona_checkpoint, load_pretrained_personas
+from personaweave.loading import export_persona_checkpoint, load_pretrained_personas
+from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities, set_sub_personality
 from personaweave.testing import tiny_llama, tiny_tokenizer
 
 

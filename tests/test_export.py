@@ -15,7 +15,7 @@ from optimum.onnxruntime import ORTModelForCausalLM  # noqa: E402
 
 from personaweave import chat  # noqa: E402
 from personaweave.cli import main  # noqa: E402
-from personaweave.export import export_onnx  # noqa: E402
+from personaweave.export.onnx import export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_trait_model_exports_with_its_heads_and_the_torch_free_predictor_matches
     from transformers import BertConfig
 
     from personaweave import PersonaTraitConfig, PersonaTraitModel
-    from personaweave.lite import OnnxTraitModel
     from personaweave.testing import tiny_tokenizer
+    from personaweave.traits.onnx_runtime import OnnxTraitModel
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -144,12 +144,12 @@ def test_int8_variant_keeps_chosen_nodes_and_gathers_in_fp32(exported, tmp_path)
 
     import onnx
 
-    from personaweave.export import quantize_int8
+    from personaweave.export.onnx import quantize_onnx_int8
 
     model, tok, root = exported
     folder = tmp_path / "onnx"
     shutil.copytree(root / "onnx", folder)  # the module's shared export stays as it is
-    path = quantize_int8(str(folder), suffix="quantized_mm", operators_to_quantize=["MatMul"],
+    path = quantize_onnx_int8(str(folder), suffix="quantized_mm", operators_to_quantize=["MatMul"],
                          keep_fp32=("rotary_emb", "persona_embedding"))
     graph = onnx.load(path).graph
     ops = {n.name: n.op_type for n in graph.node}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import ModelCard
 
-from personaweave import hub
+from personaweave.export import hub
 
 
 def test_model_card_has_metadata_and_personas(tmp_path, persona_model):
@@ -63,7 +63,7 @@ def test_push_dry_run_folder_loads_everywhere(tmp_path, persona_model):
     import torch
 
     from personaweave.cli import main
-    from personaweave.export import export_onnx
+    from personaweave.export.onnx import export_onnx
 
     model, tok = persona_model
     model.save_pretrained(tmp_path / "model")

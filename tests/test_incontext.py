@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from personaweave.incontext import blend_traits_vector, parse_traits, traits_to_blend
-from personaweave.personas import TRAITS
+from personaweave.models.personas import TRAITS
+from personaweave.traits.incontext import blend_traits_vector, parse_traits, traits_to_blend
 from personaweave.zoo import load_default_personas
 
 
@@ -56,7 +56,7 @@ class StubLM:
 
 
 def test_in_context_estimator_retrieves_similar_examples_and_parses(hash_encoder):
-    from personaweave.incontext import InContextTraitEstimator
+    from personaweave.traits.incontext import InContextTraitEstimator
 
     lm = StubLM('Here you go: {"humor": 0.8, "formality": 0.1}')
     bank = InContextTraitEstimator(["ahoy matey", "beep logic", "tea please sir"],

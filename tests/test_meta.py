@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from personaweave.meta import episode_accuracy, evaluate_protonet, sample_episode, train_projection
+from personaweave.training.meta_learning import episode_accuracy, evaluate_protonet, sample_episode, train_projection
 
 
 def planted(num_personas=12, per=20, dim=16, noise=1.0, seed=0):
@@ -58,7 +58,7 @@ def test_bad_episode_requests():
 def test_functional_inner_step_equals_a_manual_sgd_step():
     import torch
 
-    from personaweave.meta import TraitHead, inner_adapt
+    from personaweave.training.meta_learning import TraitHead, inner_adapt
 
     torch.manual_seed(0)
     head = TraitHead(6, 3)
@@ -77,7 +77,7 @@ def toy_tasks(num=8, per=30, dim=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(dim, 4, generator=g)
     tasks = []
-    from personaweave.meta import TraitTask
+    from personaweave.training.meta_learning import TraitTask
 
     for _ in range(num):
         center = torch.randn(dim, generator=g)
@@ -87,7 +87,7 @@ def toy_tasks(num=8, per=30, dim=12, seed=0):
 
 
 def test_adaptation_lowers_query_error_and_bad_support_fails():
-    from personaweave.meta import adapt, few_shot_mse, pretrain_head
+    from personaweave.training.meta_learning import adapt, few_shot_mse, pretrain_head
 
     tasks = toy_tasks()
     head = pretrain_head(tasks[:6], steps=200)
@@ -107,7 +107,7 @@ def test_adaptation_lowers_query_error_and_bad_support_fails():
 def test_maml_loop_runs_and_changes_the_head(first_order):
     import torch
 
-    from personaweave.meta import maml_train, pretrain_head
+    from personaweave.training.meta_learning import maml_train, pretrain_head
 
     tasks = toy_tasks()
     head = pretrain_head(tasks[:6], steps=50)

@@ -7,7 +7,7 @@ import torch
 from conftest import random_vector
 
 from personaweave import TRAITS, Persona, PersonaBank
-from personaweave.saving import save_folder_atomically
+from personaweave.files import save_folder_atomically
 from personaweave.zoo import load_default_personas
 
 

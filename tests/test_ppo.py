@@ -70,9 +70,9 @@ def load_recipe(name):
 def test_ppo_eval_kl_is_zero_for_an_untouched_adapter_and_positive_after(hash_encoder):
     from peft import get_peft_model
 
-    from personaweave.adapters import lora_config
-    from personaweave.rewards import RewardContext
+    from personaweave.sub_personalities import lora_config
     from personaweave.testing import tiny_persona_model
+    from personaweave.training.rewards import RewardContext
 
     evaluation = load_recipe("ppo_eval")
     model, tok = tiny_persona_model()

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import personaweave
-from personaweave import PersonaWeaveForCausalLM
-from personaweave.zoo import default_encoder, load_base, load_default_personas
+from personaweave import PersonaWeaveForCausalLM, from_base
+from personaweave.encoders import default_encoder
+from personaweave.zoo import load_base, load_default_personas
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def real():
-    return PersonaWeaveForCausalLM.from_base(personas="default")
+    return from_base(personas="default")
 
 
 def test_minilm_vectors_place_each_description_nearest_its_own_examples():

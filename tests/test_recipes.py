@@ -67,7 +67,7 @@ def test_accelerate_configs_are_valid_yaml(config):
 
 
 def test_unfreeze_schedule_parsing():
-    from personaweave.training import parse_unfreeze_schedule
+    from personaweave.training.sft import parse_unfreeze_schedule
 
     assert parse_unfreeze_schedule("300:4,100:2") == [(100, 2), (300, 4)]
     with pytest.raises(ValueError, match="STEP:NUM_LAYERS"):

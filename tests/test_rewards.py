@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from personaweave import chat
-from personaweave.rewards import (
+from personaweave.training.rewards import (
     CombinedRewardConfig,
     CombinedRewardModel,
     RewardContext,
@@ -80,7 +80,7 @@ def test_bad_input_empty_reply_and_unknown_persona(ctx):
 def test_each_component_prefers_the_in_character_reply():
     """Real MiniLM: an in-character reply beats an out-of-character one on every persona component,
     and a relevant, complete, friendly reply beats a curt, truncated, repetitive one on the goal."""
-    from personaweave.zoo import default_encoder
+    from personaweave.encoders import default_encoder
 
     class KeywordClassifier:  # the trained classifier is not shipped; this one reads pirate talk
         labels = ["pirate", "butler"]

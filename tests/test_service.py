@@ -16,8 +16,9 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from personaweave.memory import Memory  # noqa: E402
-from personaweave.service import PersonaService, Storage, create_app  # noqa: E402
+from personaweave.models.personas import blend_name
+from personaweave.serving import PersonaService, Storage, create_app  # noqa: E402
+from personaweave.serving.memory import Memory  # noqa: E402
 from personaweave.testing import serve_in_thread, tiny_persona_model  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_chat_models_and_user_state(client, service):
     user = client.get("/v1/users/u1").json()
     assert user["turns"] == 4 and user["state"]["persona"] == "pirate"
     blend = client.post("/v1/chat/completions", json=body(model="blend:pirate=0.7,robot=0.3", user="u2"))
-    assert blend.status_code == 200 and blend.json()["system_fingerprint"] == "blend-pirate70-robot30"
+    assert blend.status_code == 200 and blend.json()["system_fingerprint"] == blend_name({"pirate": 0.7, "robot": 0.3})
     assert client.post("/v1/feedback", json={"user": "u1", "rating": "up"}).json()["feedback"]["up"] == 1
     assert client.delete("/v1/users/u1").status_code == 200
     assert client.get("/v1/users/u1").status_code == 404
@@ -103,7 +104,7 @@ def test_memory_brings_back_relevant_turns(service):
     client = TestClient(create_app(service))
     service.history_turns = 0  # only long-term memory can bring the old turn back
     client.post("/v1/chat/completions", json=body(user="m", messages=[{"role": "user", "content": "coffee tea please"}]))
-    from personaweave.service.app import ChatRequest
+    from personaweave.serving.app import ChatRequest
 
     request = ChatRequest(**body(user="m", messages=[{"role": "user", "content": "coffee tea please"}]))
     conversation, _ = service.conversation("pirate", request)
@@ -176,7 +177,7 @@ def test_kill_9_keeps_every_acknowledged_turn(tmp_path):
 
 
 def test_ab_experiment_assigns_rates_per_user_and_survives_a_restart(tmp_path, hash_encoder):
-    from personaweave.adaptation.abtest import assign
+    from personaweave.serving.adaptation.abtest import assign
 
     model, tok = tiny_persona_model()
     variants = {"pirate": 0.5, "robot": 0.5}
@@ -218,7 +219,7 @@ def test_ab_experiment_assigns_rates_per_user_and_survives_a_restart(tmp_path, h
 
 
 def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_encoder):
-    from personaweave.adaptation.adapter import PersonaAdapter
+    from personaweave.serving.adaptation.engine import TraitAdaptationEngine
 
     model, tok = tiny_persona_model()
     seen = []
@@ -229,7 +230,7 @@ def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_
 
     make = lambda: PersonaService(  # noqa: E731
         model.eval(), tok, Storage(f"sqlite:///{tmp_path}/auto.sqlite"), memory=Memory(hash_encoder),
-        max_new_tokens=4, adapter=PersonaAdapter(model, tok, policy=policy))
+        max_new_tokens=4, adapter=TraitAdaptationEngine(model, tok, policy=policy))
     client = TestClient(create_app(make()))
     client.post("/v1/chat/completions", json=body(model="auto", user="ann"))
     client.post("/v1/feedback", json={"user": "ann", "rating": "down"})

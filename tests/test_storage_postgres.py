@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'personaweave[serve]')")
 
-from personaweave.service import Storage  # noqa: E402
+from personaweave.serving import Storage  # noqa: E402
 
 
 def _pg_bin() -> str | None:

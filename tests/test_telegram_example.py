@@ -15,8 +15,8 @@ pytest.importorskip("fastapi")
 from openai import AsyncOpenAI  # noqa: E402
 from telegram import Bot, Update  # noqa: E402
 
-from personaweave.memory import Memory  # noqa: E402
-from personaweave.service import PersonaService, Storage, create_app  # noqa: E402
+from personaweave.serving import PersonaService, Storage, create_app  # noqa: E402
+from personaweave.serving.memory import Memory  # noqa: E402
 from personaweave.testing import serve_in_thread, tiny_persona_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

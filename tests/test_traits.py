@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, BertConfig
 
 from personaweave import PersonaTraitConfig, PersonaTraitModel
-from personaweave.metrics import load_trait_metrics
+from personaweave.evaluation.metrics import load_trait_metrics
 from personaweave.testing import tiny_tokenizer
 
 
@@ -71,7 +71,7 @@ def test_trait_metrics():
 def test_student_copies_alternate_layers_and_int8_stays_close(tiny_traits):
     from transformers import BertConfig
 
-    from personaweave.distill import make_student, quantize_int8
+    from personaweave.training.distillation import make_student, quantize_torch_dynamic_int8
 
     tok = tiny_traits[1]
     config = PersonaTraitConfig(encoder_config=BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
@@ -83,7 +83,7 @@ def test_student_copies_alternate_layers_and_int8_stays_close(tiny_traits):
                                teacher.encoder.encoder.layer[3].output.dense.weight)
     torch.testing.assert_close(student.trait_head.weight, teacher.trait_head.weight)
     enc = tok(["hello what", "why is the sea good ?"], return_tensors="pt", padding=True)
-    q = quantize_int8(student)
+    q = quantize_torch_dynamic_int8(student)
     assert (q(**enc).traits - student(**enc).traits).abs().max() < 0.05
     with pytest.raises(ValueError, match="num_layers"):
         make_student(teacher, num_layers=9)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any, Optional
 
-from ..personas import TRAITS
+from personaweave.models.personas import TRAITS
 
 SPLITS = ("train", "validation", "test")
 UNKNOWN_TRAITS = [float("nan")] * len(TRAITS)

@@ -1,0 +1,143 @@
+"""Best-of-N candidates for the persona dialogue dataset v2: N sampled replies per (user turn, persona).
+
+Each (user turn, persona) gets `--num_samples` replies from the prompted base model (persona
+description in the system prompt, temperature 0.9). Nothing is judged here: the selection judge
+picks the best (and the worst, for preference pairs) later, in `build_persona_dialogues_v2.py`,
+so judging can change without regenerating.
+
+Work is cut into shards of `--turns_per_shard` user turns x all personas x N samples, written as
+parquet (temp file, then rename). A run skips shards that already exist, so an interrupted run
+resumes where it stopped; commit finished shards as they arrive. Held-out (test) turns come first,
+so the best-of-N ceiling can be measured before the training turns are done.
+
+Usage:
+    python datasets_scripts/generate_candidates.py --out datasets_scripts/shards/v2          # all shards
+    python datasets_scripts/generate_candidates.py --out /tmp/c --num_turns 16 --max_shards 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from build_persona_dialogues import (  # noqa: E402
+    SHARED,
+    SHIPPABLE_SOURCES,
+    SYSTEM_TEMPLATE,
+    collect_turns,
+    pick_turns,
+    split_of,
+)
+
+SPLIT_ORDER = {"test": 0, "validation": 1, "train": 2}
+
+
+def ordered_turns(num_turns: int, sources: list[str], shared: str, seed: int, val_share: float,
+                  test_share: float) -> list[dict]:
+    """The turns with their split, held-out (test) first, then validation, then train; stable."""
+    turns = pick_turns(collect_turns(sources, shared), num_turns, seed)
+    rows = [{"prompt": t.text, "source": t.source, "split": split_of(t.text, seed, val_share, test_share)}
+            for t in turns]
+    return sorted(rows, key=lambda r: SPLIT_ORDER[r["split"]])  # stable: keeps pick order within a split
+
+
+@torch.no_grad()
+def sample_replies(model, tokenizer, system: str, prompts: list[str], num_samples: int, max_new_tokens: int,
+                   temperature: float, top_p: float, repetition_penalty: float, seed: int) -> list[list[str]]:
+    """`num_samples` sampled replies for each prompt (one batched generate call)."""
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
+                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                         num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    lengths = (new != tokenizer.pad_token_id).sum(dim=1).tolist()
+    replies = [re.sub(r"\s+", " ", d).strip() for d in decoded]
+    return [[(replies[i * num_samples + j], lengths[i * num_samples + j]) for j in range(num_samples)]
+            for i in range(len(prompts))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="datasets_scripts/shards/v2")
+    parser.add_argument("--num_turns", type=int, default=960)
+    parser.add_argument("--turns_per_shard", type=int, default=16)
+    parser.add_argument("--num_samples", type=int, default=6)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--repetition_penalty", type=float, default=1.2)
+    parser.add_argument("--val_share", type=float, default=0.12)
+    parser.add_argument("--test_share", type=float, default=0.12)
+    parser.add_argument("--sources", nargs="+", default=list(SHIPPABLE_SOURCES))
+    parser.add_argument("--shared_data", default=SHARED)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from personaweave.zoo import load_default_personas, smollm2_folder
+
+    turns = ordered_turns(args.num_turns, args.sources, args.shared_data, args.seed, args.val_share, args.test_share)
+    os.makedirs(args.out, exist_ok=True)
+    manifest = {"turns": turns, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "max_shards")}}
+    with open(os.path.join(args.out, "turns.json"), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    location, extra = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(location, **extra).eval()
+    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    personas = load_default_personas()
+
+    shards = [turns[i:i + args.turns_per_shard] for i in range(0, len(turns), args.turns_per_shard)]
+    done_new = 0
+    for index, shard in enumerate(shards):
+        path = os.path.join(args.out, f"shard-{index:05d}.parquet")
+        if os.path.exists(path):
+            continue
+        if args.max_shards is not None and done_new >= args.max_shards:
+            break
+        start, rows, new_tokens = time.time(), [], 0
+        for p_index, persona in enumerate(personas):
+            system = SYSTEM_TEMPLATE.format(description=persona.description)
+            samples = sample_replies(model, tokenizer, system, [t["prompt"] for t in shard], args.num_samples,
+                                     args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                                     seed=args.seed * 100003 + index * 101 + p_index)
+            for turn, replies in zip(shard, samples):
+                for sample_index, (reply, length) in enumerate(replies):
+                    new_tokens += length
+                    rows.append({"shard": index, "prompt": turn["prompt"], "source": turn["source"],
+                                 "split": turn["split"], "persona": persona.name, "description": persona.description,
+                                 "sample": sample_index, "reply": reply, "new_tokens": length})
+        seconds = time.time() - start
+        frame = pd.DataFrame(rows)
+        frame.attrs = {}
+        tmp = path + ".tmp"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        done_new += 1
+        print(json.dumps({"shard": index, "of": len(shards), "rows": len(rows), "new_tokens": new_tokens,
+                          "seconds": round(seconds, 1), "tokens_per_s": round(new_tokens / seconds, 1),
+                          "split": shard[0]["split"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

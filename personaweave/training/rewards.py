@@ -1,0 +1,182 @@
+"""Rewards for persona consistency and conversation goals, and their multi-objective sum.
+
+Components (each per reply, roughly in [0, 1]):
+- `example_similarity`: max cosine (MiniLM) between the reply and the persona's example replies;
+- `classifier_confidence`: the persona classifier's probability for the target persona;
+- `relevance`: cosine between the user turn and the reply;
+- `length`: 1 inside 8-60 words, falling off outside;
+- `sentiment`: VADER compound mapped to [0, 1];
+- `repetition`: distinct-2 of the reply (1 = no repeated bigram);
+- `complete`: 0 for an empty reply or one cut off mid-sentence.
+The goal/engagement reward is the mean of relevance, length, sentiment, repetition and complete.
+
+TRL's PPO scores with a reward *model*: it calls `getattr(model, model.base_model_prefix)` on the
+token ids and reads `model.score(hidden_states[-1])` at the last response token. A rule- and
+model-based reward has no such network, so `CombinedRewardModel` presents exactly that interface:
+its "backbone" decodes the ids, splits prompt and reply at the chat template's assistant marker,
+reads the persona from the reserved tokens, computes the combined reward and returns it as a
+one-channel "hidden state" at every position; `score` is the identity. This keeps the reward
+outside the policy's graph (no gradients flow through it, as with any PPO reward) and needs no
+change to TRL. The same `combined_reward` callable serves `GRPOTrainer(reward_funcs=[...])`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from personaweave.evaluation.metrics import distinct_n
+from personaweave.evaluation.signals import sentiment
+
+DEFAULT_WEIGHTS = {"classifier_confidence": 1.0, "example_similarity": 0.5, "goal": 1.0}
+GOAL_PARTS = ("relevance", "length", "sentiment", "repetition", "complete")
+
+
+def length_score(text: str, low: int = 8, high: int = 60) -> float:
+    n = len(text.split())
+    if n == 0:
+        return 0.0
+    if n < low:
+        return n / low
+    return 1.0 if n <= high else max(0.0, 1.0 - (n - high) / high)
+
+
+def complete_score(text: str) -> float:
+    text = text.strip()
+    return float(bool(text) and bool(re.search(r"[.!?…)\"']\s*$", text)))
+
+
+@dataclass
+class RewardContext:
+    """What the components need: an encoder, the persona classifier, the personas' examples."""
+
+    encoder: Any
+    classifier: Any = None
+    examples: Optional[Mapping[str, Sequence[str]]] = None
+
+
+def reward_components(prompts: Sequence[str], replies: Sequence[str], personas: Sequence[str],
+                      ctx: RewardContext) -> dict[str, np.ndarray]:
+    n = len(replies)
+    if not (len(prompts) == len(personas) == n):
+        raise ValueError("prompts, replies and personas must have the same length.")
+    known = set(ctx.examples or ()) | set(getattr(ctx.classifier, "labels", ()) or ())
+    unknown = sorted({p for p in personas if p and known and p not in known})
+    if unknown:  # "" (no persona in the prompt) scores 0 on the persona components
+        raise ValueError(f"Unknown personas {unknown}; the reward knows {sorted(known)}.")
+    enc = lambda texts: np.asarray(ctx.encoder.encode(list(texts)))  # noqa: E731
+    reply_vecs = enc([r if r.strip() else "." for r in replies])
+    out = {
+        "relevance": np.clip((reply_vecs * enc(prompts)).sum(1), 0, 1),
+        "length": np.array([length_score(r) for r in replies]),
+        "sentiment": np.array([(sentiment(r) + 1) / 2 for r in replies]),
+        "repetition": np.array([distinct_n([r], 2) if len(r.split()) > 2 else 1.0 for r in replies]),
+        "complete": np.array([complete_score(r) for r in replies]),
+    }
+    out["goal"] = np.mean([out[k] for k in GOAL_PARTS], axis=0)
+    if ctx.examples is not None:
+        sims = np.zeros(n)
+        for name in set(personas):
+            idx = [i for i, p in enumerate(personas) if p == name]
+            if name in ctx.examples and ctx.examples[name]:
+                sims[idx] = (reply_vecs[idx] @ enc(ctx.examples[name]).T).max(1)
+        out["example_similarity"] = np.clip(sims, 0, 1)
+    if ctx.classifier is not None:
+        probs = ctx.classifier.predict_proba(list(replies))
+        labels = ctx.classifier.labels
+        out["classifier_confidence"] = np.array(
+            [probs[i, labels.index(p)] if p in labels else 0.0 for i, p in enumerate(personas)])
+    return out
+
+
+def combined_reward(weights: Optional[Mapping[str, float]] = None, ctx: Optional[RewardContext] = None):
+    """A callable (prompts, replies, personas) -> (total, components): the weighted sum of the
+    components, every component kept for logging."""
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    if any(w < 0 for w in weights.values()):
+        raise ValueError("Reward weights must be >= 0.")
+    if ctx is None:
+        raise ValueError("combined_reward needs a RewardContext (encoder, classifier, examples).")
+
+    def reward(prompts, replies, personas):
+        parts = reward_components(prompts, replies, personas, ctx)
+        missing = [k for k in weights if k not in parts]
+        if missing:
+            raise ValueError(f"Reward components {missing} are not available with this context.")
+        total = sum(w * parts[k] for k, w in weights.items())
+        return np.asarray(total, dtype=np.float32), parts
+
+    return reward
+
+
+class CombinedRewardConfig(PretrainedConfig):
+    model_type = "personaweave_reward"
+
+    def __init__(self, num_labels: int = 1, **kwargs: Any) -> None:
+        super().__init__(num_labels=num_labels, **kwargs)
+
+
+class _RewardBackbone(nn.Module):
+    def __init__(self, owner: CombinedRewardModel) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a submodule: no parameters, no recursion
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        rewards = self.owner.reward_for_ids(input_ids, attention_mask)
+        hidden = rewards[:, None, None].expand(input_ids.shape[0], input_ids.shape[1], 1).contiguous()
+        return BaseModelOutput(last_hidden_state=hidden, hidden_states=(hidden,))
+
+
+class CombinedRewardModel(PreTrainedModel):
+    """The multi-objective reward behind TRL PPO's reward-model interface (see module docstring)."""
+
+    config_class = CombinedRewardConfig
+    base_model_prefix = "backbone"
+
+    def __init__(self, config: CombinedRewardConfig, reward_fn=None, tokenizer: Any = None,
+                 persona_token_ids: Optional[Mapping[str, Sequence[int]]] = None,
+                 assistant_marker: str = "<|im_start|>assistant") -> None:
+        super().__init__(config)
+        self.backbone = _RewardBackbone(self)
+        self.score = nn.Identity()
+        self._anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the model a device/dtype
+        self.reward_fn, self.tokenizer, self.assistant_marker = reward_fn, tokenizer, assistant_marker
+        self.token_to_persona = {t: name for name, ids in (persona_token_ids or {}).items() for t in ids}
+        self.last_components: dict[str, np.ndarray] = {}
+
+    def split(self, text: str) -> tuple[str, str]:
+        head, sep, reply = text.rpartition(self.assistant_marker)
+        if not sep:
+            return text, ""
+        user = head.rsplit("<|im_start|>user", 1)[-1]
+        clean = lambda s: re.sub(r"<\|[^|]*\|>", "", s).strip()  # noqa: E731
+        return clean(user), clean(reply)
+
+    def reward_for_ids(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        prompts, replies, personas = [], [], []
+        for row, mask in zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids)):
+            ids = row[mask.bool()].tolist()
+            personas.append(next((self.token_to_persona[t] for t in ids if t in self.token_to_persona), ""))
+            prompt, reply = self.split(self.tokenizer.decode(ids, skip_special_tokens=False))
+            prompts.append(prompt)
+            replies.append(reply)
+        total, parts = self.reward_fn(prompts, replies, personas)
+        self.last_components = parts
+        return torch.as_tensor(total, dtype=self._anchor.dtype, device=input_ids.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.backbone(input_ids, attention_mask).last_hidden_state
+        lengths = (attention_mask.sum(1) - 1) if attention_mask is not None else input_ids.new_full(
+            (input_ids.shape[0],), input_ids.shape[1] - 1)
+        return SequenceClassifierOutput(logits=hidden[torch.arange(hidden.shape[0]), lengths])
