@@ -1,27 +1,35 @@
 """Validate the A/B analysis by simulation: A/A false-positive rates with peeking every 100 users
 (naive vs group-sequential boundaries), and power at a stated effect. Writes JSON and a PNG.
 
-    python recipes/abtest_simulation.py [--runs 1000] [--out docs/figures]
+    python recipes/abtest_simulation.py --config recipes/configs/abtest_simulation.yaml [--runs 1000]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
+
+from trl import TrlParser
 
 from personaweave.serving.adaptation.abtest import simulate_sequential
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=1000)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--peek_every", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=0.20)
-    parser.add_argument("--effect", type=float, default=0.08, help="absolute lift of B for the power run")
-    parser.add_argument("--out", default="docs/figures")
-    args = parser.parse_args()
+@dataclass
+class AbtestSimulationArguments:
+    runs: int = field(default=1000, metadata={"help": "Simulated experiments per setting."})
+    users: int = field(default=1000, metadata={"help": "Users per experiment (split between A and B)."})
+    peek_every: int = field(default=100, metadata={"help": "Users between two looks at the data."})
+    rate: float = field(default=0.20, metadata={"help": "Base conversion rate (A, and B in the A/A runs)."})
+    effect: float = field(default=0.08, metadata={"help": "Absolute lift of B for the power run."})
+    out: str = field(default="docs/figures", metadata={"help": "Folder for the JSON report and the PNG."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((AbtestSimulationArguments,))
+
+
+def main(args: AbtestSimulationArguments) -> dict:
     report = {"runs": args.runs, "users": args.users, "peek_every": args.peek_every, "alpha": 0.05,
               "base_rate": args.rate}
     for kind in ("obrien_fleming", "pocock"):
@@ -55,7 +63,9 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no PNG")
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    (simulation_args,) = make_parser().parse_args_and_config()
+    main(simulation_args)

@@ -1,6 +1,6 @@
 """Distil the trained trait model (teacher) into a 3-layer student with `Trainer`.
 
-    python recipes/distill_traits.py --teacher outputs/traits/final --output_dir outputs/traits_student
+    python recipes/distill_traits.py --config recipes/configs/distill_traits.yaml [--teacher outputs/traits/final]
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def main(args: DistillArguments, training_args: TrainingArguments) -> str:
     return final
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((DistillArguments, TrainingArguments))
+
+
 if __name__ == "__main__":
-    script_args, training_args = TrlParser((DistillArguments, TrainingArguments)).parse_args_and_config()
+    script_args, training_args = make_parser().parse_args_and_config()
     main(script_args, training_args)
     sys.exit(0)

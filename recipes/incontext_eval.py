@@ -7,20 +7,36 @@ three at a time. The LM (the shipped SmolLM2 by default, or any OpenAI-compatibl
 and the share of answers that held usable JSON. Baselines on the same contexts: the bank's mean
 traits, and copying the traits of the most similar bank example (what the shots alone give).
 
-    python recipes/incontext_eval.py --contexts_per_persona 4 --output outputs/incontext_eval.json
+    python recipes/incontext_eval.py --config recipes/configs/incontext_eval.yaml [--url http://host/v1]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
+from trl import TrlParser
 
 from personaweave.files import write_json
 from personaweave.models.personas import TRAITS
 from personaweave.traits.incontext import InContextTraitEstimator, parse_traits, trait_prompt
+
+
+@dataclass
+class InContextEvalArguments:
+    contexts_per_persona: int = field(default=4, metadata={"help": "Contexts scored per held-out persona."})
+    replies_per_context: int = field(default=3, metadata={"help": "Test replies joined into one context."})
+    bank_per_persona: int = field(default=40, metadata={"help": "Train replies per other persona in the bank."})
+    url: Optional[str] = field(default=None, metadata={
+        "help": "An OpenAI-compatible /v1 URL instead of the local SmolLM2."})
+    output: str = field(default="outputs/incontext_eval.json", metadata={"help": "The JSON report."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((InContextEvalArguments,))
 
 
 def scores(predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, float]:
@@ -28,19 +44,11 @@ def scores(predicted: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, fl
     return {"mae": round(float(err.mean()), 4), "within_0.1": round(float((err <= 0.1 + 1e-6).mean()), 4)}
 
 
-def main() -> None:
+def main(args: InContextEvalArguments) -> dict:
     from personaweave.data import load_persona_dialogues
     from personaweave.encoders import default_encoder
     from personaweave.traits.incontext import local_generator, openai_generator
     from personaweave.zoo import load_base
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts_per_persona", type=int, default=4)
-    parser.add_argument("--replies_per_context", type=int, default=3)
-    parser.add_argument("--bank_per_persona", type=int, default=40, help="train replies per other persona")
-    parser.add_argument("--url", help="an OpenAI-compatible /v1 URL instead of the local SmolLM2")
-    parser.add_argument("--output", default="outputs/incontext_eval.json")
-    args = parser.parse_args()
 
     data = load_persona_dialogues()
     if args.url:
@@ -78,7 +86,9 @@ def main() -> None:
                    generator=args.url or "local SmolLM2-135M-Instruct (greedy)", answers=answers[::4])
     write_json(results, args.output)
     print(json.dumps({k: v for k, v in results.items() if k != "answers"}))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    (eval_args,) = make_parser().parse_args_and_config()
+    main(eval_args)

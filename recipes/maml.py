@@ -92,7 +92,11 @@ def main(args: MamlArguments) -> dict:
     return report
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((MamlArguments,))
+
+
 if __name__ == "__main__":
-    (maml_args,) = TrlParser((MamlArguments,)).parse_args_and_config()
+    (maml_args,) = make_parser().parse_args_and_config()
     main(maml_args)
     sys.exit(0)

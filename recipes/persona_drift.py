@@ -9,23 +9,37 @@ Two conditions, same user turns, same greedy decoding, same history window:
   the service's repetition penalty).
 Each reply is scored by the evaluation's persona classifier; the table gives accuracy per turn.
 
-    python recipes/persona_drift.py --conversations 4 --turns 10 --output outputs/persona_drift.json
+    python recipes/persona_drift.py --config recipes/configs/persona_drift.yaml [--conversations 4]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+from trl import TrlParser
 
 from personaweave.chat import prompt_baseline_messages
 from personaweave.evaluation import PersonaClassifier
 from personaweave.files import write_json
+
+
+@dataclass
+class PersonaDriftArguments:
+    classifier: str = field(default="outputs/persona_classifier", metadata={"help": "Persona classifier folder."})
+    conversations: int = field(default=4, metadata={"help": "Conversations per persona."})
+    turns: int = field(default=10, metadata={"help": "User turns per conversation."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit."})
+    output: str = field(default="outputs/persona_drift.json", metadata={"help": "The JSON report."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((PersonaDriftArguments,))
 
 
 def user_scripts(prompts: list[str], conversations: int, turns: int) -> list[list[str]]:
@@ -75,19 +89,11 @@ def accuracy_per_turn(classifier: PersonaClassifier, replies: dict[tuple, list[s
     return out
 
 
-def main() -> None:
+def main(args: PersonaDriftArguments) -> dict:
     from personaweave.data import load_persona_dialogues
     from personaweave.loading import load_pretrained_personas
     from personaweave.serving import PersonaService, Storage
     from personaweave.serving.memory import Memory
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--classifier", default="outputs/persona_classifier")
-    parser.add_argument("--conversations", type=int, default=4, help="conversations per persona")
-    parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--output", default="outputs/persona_drift.json")
-    args = parser.parse_args()
 
     model, tokenizer, _ = load_pretrained_personas(with_adapters=False)
     model.eval()
@@ -108,7 +114,9 @@ def main() -> None:
                             for p, c in list(service_replies)[:: len(scripts) * 2]}}
     write_json(results, args.output)
     print(json.dumps({k: results[k] for k in ("service", "prompt_baseline")}))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    (drift_args,) = make_parser().parse_args_and_config()
+    main(drift_args)

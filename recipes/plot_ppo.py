@@ -3,16 +3,27 @@
 Reads `<run>/log_history.json` (TRL's per-step metrics: objective/scores, objective/kl,
 objective/rlhf_reward) and `<run>/reward_components.jsonl` (each reward component per step).
 
-    python recipes/plot_ppo.py --run outputs/ppo --out docs/figures/ppo_curves.png
+    python recipes/plot_ppo.py --config recipes/configs/plot_ppo.yaml [--run outputs/ppo]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
+from trl import TrlParser
+
+
+@dataclass
+class PlotPPOArguments:
+    run: str = field(default="outputs/ppo", metadata={"help": "The PPO run folder (its output_dir)."})
+    out: str = field(default="docs/figures/ppo_curves.png", metadata={"help": "The PNG to write."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((PlotPPOArguments,))
 
 
 def smooth(values: list[float], window: int = 5) -> np.ndarray:
@@ -22,16 +33,12 @@ def smooth(values: list[float], window: int = 5) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def main() -> None:
+def main(args: PlotPPOArguments) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="outputs/ppo")
-    parser.add_argument("--out", default="docs/figures/ppo_curves.png")
-    args = parser.parse_args()
     with open(os.path.join(args.run, "log_history.json"), encoding="utf-8") as handle:
         logs = [row for row in json.load(handle) if "objective/kl" in row]
     with open(os.path.join(args.run, "reward_components.jsonl"), encoding="utf-8") as handle:
@@ -61,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    (plot_args,) = make_parser().parse_args_and_config()
+    main(plot_args)

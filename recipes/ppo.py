@@ -26,15 +26,23 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 from personaweave import PersonaWeaveForCausalLM, chat
 from personaweave.data import load_persona_dialogues
 from personaweave.sub_personalities import lora_config
-from personaweave.training.rewards import CombinedRewardConfig, CombinedRewardModel, RewardContext, combined_reward
+from personaweave.training.rewards import (
+    DEFAULT_WEIGHTS,
+    CombinedRewardConfig,
+    CombinedRewardModel,
+    RewardContext,
+    combined_reward,
+    save_reward_weights,
+)
 
 
 @dataclass
 class PPOScriptArguments:
     model: str = field(default="outputs/sft_persona/final", metadata={"help": "Trained master folder."})
     classifier: str = field(default="outputs/persona_classifier", metadata={"help": "Persona classifier folder."})
-    reward_weights: dict = field(default_factory=lambda: {"classifier_confidence": 1.0, "example_similarity": 0.5,
-                                                          "goal": 1.0}, metadata={"help": "Reward component weights."})
+    reward_weights: dict = field(default_factory=lambda: dict(DEFAULT_WEIGHTS), metadata={
+        "help": "Reward component weights (default: the library's DEFAULT_WEIGHTS); saved to the run folder, "
+                "where recipes/ppo_eval.py reads them."})
     max_prompts: Optional[int] = field(default=512, metadata={"help": "Training prompts (persona x user turn)."})
     pad_token: str = field(default="<|endoftext|>", metadata={"help": "A pad token distinct from EOS."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the PPO adapter."})
@@ -121,6 +129,7 @@ def _value_config(text_config):
 
 def main(script: PPOScriptArguments, args: PPOConfig, **built):
     model, tokenizer, value_model, reward_model, dataset = build(script, log_dir=args.output_dir, **built)
+    save_reward_weights(script.reward_weights, args.output_dir)  # the evaluation scores with these
     args.stop_token = "eos"
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
                          reward_model=reward_model, train_dataset=dataset, value_model=value_model,
@@ -133,7 +142,11 @@ def main(script: PPOScriptArguments, args: PPOConfig, **built):
     return final, trainer
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((PPOScriptArguments, PPOConfig))
+
+
 if __name__ == "__main__":
-    script_args, ppo_args = TrlParser((PPOScriptArguments, PPOConfig)).parse_args_and_config()
+    script_args, ppo_args = make_parser().parse_args_and_config()
     main(script_args, ppo_args)
     sys.exit(0)

@@ -13,26 +13,68 @@ The ids are kept as generated (never decoded and re-encoded).
 Caveat: persona accuracy is judged by the same classifier whose confidence PPO was rewarded
 with; a held-out judge would guard against reward hacking (see the example replies in the JSON).
 
+The combined reward uses the weights the run trained with (`<run_dir>/reward_weights.json`, written
+by recipes/ppo.py; for a run folder without it, `reward_weights` of the PPO config `ppo_config`).
+
 Usage:
-    python recipes/ppo_eval.py --model outputs/sft_persona/final --adapter outputs/ppo/final \
-        --output outputs/ppo/eval.json
+    python recipes/ppo_eval.py --config recipes/configs/ppo_eval.yaml [--run_dir outputs/ppo]
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
+from trl import TrlParser
 
 from personaweave import chat
 from personaweave.evaluation import PersonaClassifier, distinct_n, perplexity
 from personaweave.files import write_json
 from personaweave.sub_personalities import master_only
-from personaweave.training.rewards import DEFAULT_WEIGHTS, RewardContext, reward_components
+from personaweave.training.rewards import (
+    DEFAULT_WEIGHTS,
+    REWARD_WEIGHTS_FILE,
+    RewardContext,
+    load_reward_weights,
+    reward_components,
+)
 
 TEMPERATURE = 0.7  # recipes/configs/ppo.yaml
+
+
+@dataclass
+class PPOEvalArguments:
+    run_dir: str = field(default="outputs/ppo", metadata={"help": "The PPO run folder (its output_dir)."})
+    model: str = field(default="outputs/sft_persona/final", metadata={"help": "The trained master (PPO's model)."})
+    adapter: Optional[str] = field(default=None, metadata={"help": "The PPO LoRA adapter (default: <run_dir>/final)."})
+    ppo_config: str = field(default="recipes/configs/ppo.yaml", metadata={
+        "help": f"PPO config whose reward_weights are used when <run_dir>/{REWARD_WEIGHTS_FILE} is missing."})
+    classifier: str = field(default="outputs/persona_classifier", metadata={"help": "Persona classifier folder."})
+    num_prompts: int = field(default=25, metadata={"help": "Held-out test prompts (x every persona)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for before and after)."})
+    output: Optional[str] = field(default=None, metadata={"help": "The JSON report (default: <run_dir>/eval.json)."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((PPOEvalArguments,))
+
+
+def run_reward_weights(run_dir: str, ppo_config: Optional[str] = None) -> dict[str, float]:
+    """The weights the run trained with: its saved file, else the PPO config it was launched with."""
+    if os.path.isfile(os.path.join(run_dir, REWARD_WEIGHTS_FILE)):
+        return load_reward_weights(run_dir)
+    if ppo_config and os.path.isfile(ppo_config):
+        with open(ppo_config, encoding="utf-8") as handle:
+            weights = (yaml.safe_load(handle) or {}).get("reward_weights")
+        if weights:
+            return {k: float(v) for k, v in weights.items()}
+    raise FileNotFoundError(f"No reward weights for {run_dir}: neither {REWARD_WEIGHTS_FILE} there nor "
+                            f"reward_weights in {ppo_config}.")
 
 
 @torch.no_grad()
@@ -78,7 +120,8 @@ def sequence_kl(policy: Any, samples: list[tuple[list[int], list[int]]]) -> floa
 
 
 def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassifier, ctx: RewardContext,
-             prompts: list[str], neutral: list[str], seed: int, reference: bool) -> dict[str, Any]:
+             prompts: list[str], neutral: list[str], seed: int, reference: bool,
+             weights: Optional[Mapping[str, float]] = None) -> dict[str, Any]:
     personas = [p for p in model.config.persona_names if p in classifier.labels]
     rows = [(p, q) for p in personas for q in prompts]
     conversations = [chat(p, q, model=model) for p, q in rows]
@@ -88,7 +131,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
     parts = reward_components([q for _, q in rows], replies, [p for p, _ in rows], ctx)
     probs = classifier.predict_proba(replies)
     hits = [classifier.labels[i] == p for i, (p, _) in zip(probs.argmax(-1), rows)]
-    total = sum(w * parts[k] for k, w in DEFAULT_WEIGHTS.items())
+    total = sum(w * parts[k] for k, w in (DEFAULT_WEIGHTS if weights is None else weights).items())
     out = {"persona_accuracy": float(np.mean(hits)), "combined_reward": float(total.mean()),
            **{k: float(v.mean()) for k, v in parts.items()}, "distinct_2": distinct_n(replies, 2),
            "mean_words": float(np.mean([len(r.split()) for r in replies])), "perplexity_neutral": ppl,
@@ -99,7 +142,7 @@ def evaluate(policy: Any, tokenizer: Any, model: Any, classifier: PersonaClassif
     return out
 
 
-def main() -> None:
+def main(args: PPOEvalArguments) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -107,31 +150,27 @@ def main() -> None:
     from personaweave.data import load_persona_dialogues
     from personaweave.encoders import default_encoder
 
-    parser = argparse.ArgumentParser(description="Before/after PPO evaluation on held-out prompts.")
-    parser.add_argument("--model", default="outputs/sft_persona/final")
-    parser.add_argument("--adapter", default="outputs/ppo/final")
-    parser.add_argument("--classifier", default="outputs/persona_classifier")
-    parser.add_argument("--num_prompts", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="outputs/ppo/eval.json")
-    args = parser.parse_args()
-
+    adapter = args.adapter or os.path.join(args.run_dir, "final")
+    weights = run_reward_weights(args.run_dir, args.ppo_config)
     model = PersonaWeaveForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
-    policy = PeftModel.from_pretrained(model, args.adapter).eval()
+    policy = PeftModel.from_pretrained(model, adapter).eval()
     classifier = PersonaClassifier.from_pretrained(args.classifier)
     ctx = RewardContext(encoder=default_encoder(), classifier=classifier,
                         examples={p.name: p.examples for p in model.personas})
     test = sorted(set(load_persona_dialogues("test")["prompt"]))
     prompts = test[: args.num_prompts]
-    results = {"num_prompts": len(prompts), "seed": args.seed, "adapter": args.adapter}
+    results = {"num_prompts": len(prompts), "seed": args.seed, "adapter": adapter, "reward_weights": weights}
     for name, reference in (("before", True), ("after", False)):
         print(f"evaluating {name} PPO")
-        results[name] = evaluate(policy, tokenizer, model, classifier, ctx, prompts, test, args.seed, reference)
+        results[name] = evaluate(policy, tokenizer, model, classifier, ctx, prompts, test, args.seed, reference,
+                                 weights=weights)
         print({k: v for k, v in results[name].items() if not isinstance(v, (dict, list))})
-    write_json(results, args.output)
+    write_json(results, args.output or os.path.join(args.run_dir, "eval.json"))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    (eval_args,) = make_parser().parse_args_and_config()
+    main(eval_args)

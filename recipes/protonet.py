@@ -5,33 +5,39 @@ profiles; a linear projection over MiniLM embeddings is meta-trained on episodes
 profiles. Reported on held-out profiles and on our eight personas (never seen in training),
 raw MiniLM prototypes vs the meta-trained projection, 5-way 1-shot and 5-shot, 95% intervals.
 
-    python recipes/protonet.py [--profiles 600] [--episodes 500] [--out outputs/protonet.json]
+    python recipes/protonet.py --config recipes/configs/protonet.yaml [--profiles 600] [--episodes 500]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
+from dataclasses import dataclass, field
+
+from trl import TrlParser
 
 from personaweave.data import load_persona_dialogues, load_synthetic_persona_chat
 from personaweave.training.meta_learning import evaluate_protonet, group_embeddings, train_projection
 
-SPC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "synthetic_persona_chat",
-                   "Synthetic-Persona-Chat_valid.csv")
+
+@dataclass
+class ProtonetArguments:
+    spc_csv: str = field(default="google/Synthetic-Persona-Chat", metadata={
+        "help": "Synthetic-Persona-Chat: a local CSV (set in the config) or a Hub dataset id."})
+    profiles: int = field(default=600, metadata={"help": "Profiles (speakers) used, 70% train / 30% held out."})
+    per_profile: int = field(default=10, metadata={"help": "Replies per profile (profiles with fewer are skipped)."})
+    episodes: int = field(default=500, metadata={"help": "Evaluation episodes per setting."})
+    steps: int = field(default=500, metadata={"help": "Meta-training steps of the projection."})
+    seed: int = field(default=0, metadata={"help": "Split, training and episode seed."})
+    out: str = field(default="outputs/protonet.json", metadata={"help": "The JSON report."})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spc_csv", default=SPC)
-    parser.add_argument("--profiles", type=int, default=600)
-    parser.add_argument("--per_profile", type=int, default=10)
-    parser.add_argument("--episodes", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/protonet.json")
-    args = parser.parse_args()
+def make_parser() -> TrlParser:
+    return TrlParser((ProtonetArguments,))
+
+
+def main(args: ProtonetArguments) -> dict:
 
     spc = load_synthetic_persona_chat(args.spc_csv)
     by_profile: dict[str, list[str]] = {}
@@ -61,7 +67,9 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    (protonet_args,) = make_parser().parse_args_and_config()
+    main(protonet_args)

@@ -152,7 +152,11 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
     return report
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((RewardModelArguments, RewardConfig))
+
+
 if __name__ == "__main__":
-    script_args, reward_args = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config()
+    script_args, reward_args = make_parser().parse_args_and_config()
     main(script_args, reward_args)
     sys.exit(0)

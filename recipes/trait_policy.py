@@ -17,15 +17,18 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 from trl import TrlParser
 
-from personaweave.serving.adaptation.env import ConversationEnv, load_user_profiles
+from personaweave.serving.adaptation.env import HOLD_ACTION, NUM_ACTIONS, ConversationEnv, load_user_profiles
 from personaweave.serving.adaptation.policy import export_policy, fixed_persona_envs, load_policy, run_episodes
 from personaweave.zoo import load_default_personas
 
 
 @dataclass
 class PolicyArguments:
+    user_profiles_csv: str = field(metadata={
+        "help": "Synthetic-Persona-Chat CSV whose profiles become the simulated users (set in the config)."})
     algorithms: list[str] = field(default_factory=lambda: ["dqn", "ppo"], metadata={"help": "SB3 algorithms."})
     timesteps: int = field(default=30_000, metadata={"help": "Training steps per algorithm."})
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Evaluation seeds."})
@@ -37,10 +40,17 @@ class PolicyArguments:
     ppo_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra PPO arguments (stable-baselines3)."})
 
 
+def ci95_half_width(values: list[float]) -> float:
+    """Half-width of the 95% interval of the mean: Student's t with n - 1 degrees of freedom
+    (2.78 for 5 seeds, not the normal 1.96)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    return float(stats.t.ppf(0.975, df=n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+
+
 def summary(per_seed: list[float]) -> dict[str, float]:
-    mean = float(np.mean(per_seed))
-    half = float(1.96 * np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0
-    return {"mean": round(mean, 3), "ci95": round(half, 3)}
+    return {"mean": round(float(np.mean(per_seed)), 3), "ci95": round(ci95_half_width(per_seed), 3)}
 
 
 def evaluate(env, act, args) -> dict[str, dict[str, float]]:
@@ -87,22 +97,22 @@ def plot_curves(curves: dict[str, list[float]], fixed: float, path: str, window:
 def main(args: PolicyArguments) -> dict:
     from stable_baselines3 import DQN, PPO
 
-    users = load_user_profiles()
+    users = load_user_profiles(args.user_profiles_csv)
     random.Random(args.seed).shuffle(users)
     cut = int(0.7 * len(users))
     train_users, test_users = users[:cut], users[cut:]
     test_env = ConversationEnv(test_users)
     results: dict[str, dict] = {}
     rng = np.random.default_rng(args.seed)
-    results["random"] = evaluate(test_env, lambda obs: int(rng.integers(50)), args)
-    fixed = {name: evaluate(env, lambda obs: 2, args)
+    results["random"] = evaluate(test_env, lambda obs: int(rng.integers(NUM_ACTIONS)), args)
+    fixed = {name: evaluate(env, lambda obs: HOLD_ACTION, args)
              for name, env in fixed_persona_envs(test_users, load_default_personas()).items()}
     best = max(fixed, key=lambda n: fixed[n]["return"]["mean"])
     results["fixed_personas"] = {n: r["return"]["mean"] for n, r in fixed.items()}
     results["best_fixed_persona"] = {"name": best, **fixed[best]}
     # Two reference points that are not the target's baseline but bound it: holding the neutral
     # start traits (0.5 everywhere) and an oracle that sees the user's hidden preferences.
-    results["hold_start_traits"] = evaluate(test_env, lambda obs: 2, args)
+    results["hold_start_traits"] = evaluate(test_env, lambda obs: HOLD_ACTION, args)
     results["oracle_ceiling"] = evaluate(test_env, oracle_policy(test_env), args)
     curves = {}
     for algorithm in args.algorithms:
@@ -126,7 +136,11 @@ def main(args: PolicyArguments) -> dict:
     return results
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((PolicyArguments,))
+
+
 if __name__ == "__main__":
-    (policy_args,) = TrlParser((PolicyArguments,)).parse_args_and_config()
+    (policy_args,) = make_parser().parse_args_and_config()
     main(policy_args)
     sys.exit(0)

@@ -1,7 +1,7 @@
 """Train the ten-trait model (MiniLM + heads) with `Trainer`.
 
 Data: the persona dialogues (each reply labelled with its persona's ten traits) and, when
-present, the real Big-Five essays in ../shared/data/essays_big5 (five traits, high/low -> 1/0;
+given (`essays_csv` in the config), the real Big-Five essays (five traits, high/low -> 1/0;
 the other five are NaN and masked out of the loss). Evaluation through the trait metrics
 `evaluate` module: MAE, Pearson per trait, share within 0.1; on the essays, per-trait binary
 accuracy next to the published baselines.
@@ -42,16 +42,15 @@ PUBLISHED = {"extraversion": 58.09, "neuroticism": 59.38, "agreeableness": 56.71
 class TraitArguments:
     encoder: Optional[str] = field(default=None, metadata={"help": "Encoder folder (default: the shipped MiniLM)."})
     dataset_dir: Optional[str] = field(default=None, metadata={"help": "Persona dialogues (default: shipped)."})
-    essays_csv: str = field(default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                 "essays_big5", "val.csv"),
-                            metadata={"help": "Big-Five essays CSV; skipped when absent."})
+    essays_csv: Optional[str] = field(default=None, metadata={
+        "help": "Big-Five essays CSV (set in recipes/configs/traits.yaml); skipped when unset or absent."})
     essays_test_share: float = field(default=0.2, metadata={"help": "Share of essays held out for accuracy."})
     max_rows_per_persona: Optional[int] = field(default=None, metadata={"help": "Cap train rows per persona."})
     max_length: int = field(default=128, metadata={"help": "Token limit per text."})
 
 
-def essay_rows(path: str, test_share: float, seed: int) -> tuple[list[dict], list[dict]]:
-    if not os.path.isfile(path):
+def essay_rows(path: Optional[str], test_share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if not path or not os.path.isfile(path):
         print(f"no essays at {path}: training on the persona dialogues only")
         return [], []
     with open(path, encoding="utf-8") as handle:
@@ -131,7 +130,11 @@ def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
     return report
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((TraitArguments, TrainingArguments))
+
+
 if __name__ == "__main__":
-    script_args, training_args = TrlParser((TraitArguments, TrainingArguments)).parse_args_and_config()
+    script_args, training_args = make_parser().parse_args_and_config()
     main(script_args, training_args)
     sys.exit(0)

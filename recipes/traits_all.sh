@@ -5,9 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python recipes/traits.py --config recipes/configs/traits.yaml
-python recipes/distill_traits.py --teacher outputs/traits/final --output_dir outputs/traits_student \
-    --num_train_epochs 2 --per_device_train_batch_size 32 --learning_rate 1e-4 --report_to none \
-    --save_strategy no --logging_steps 20 --use_cpu true
+python recipes/distill_traits.py --config recipes/configs/distill_traits.yaml
 python benchmarks/traits.py | tee outputs/traits_benchmark.jsonl
 accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/maml.py --config recipes/configs/maml.yaml
-python recipes/protonet.py --out outputs/protonet.json
+python recipes/protonet.py --config recipes/configs/protonet.yaml

@@ -57,6 +57,9 @@ def test_ppo_runs_and_trains_only_the_lora_adapter(tmp_path, hash_encoder):
         if current is not None and current.shape == value.shape:
             assert torch.equal(current.detach(), value)
     assert any("objective/scores" in h for h in trainer.state.log_history)
+    from personaweave.training.rewards import load_reward_weights
+
+    assert load_reward_weights(args.output_dir) == script.reward_weights  # what ppo_eval will score with
 
 
 def load_recipe(name):

@@ -24,6 +24,73 @@ def load_recipe(name: str):
     return module
 
 
+CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.py"))
+
+
+def recipe_of(config: Path) -> str:
+    """recipes/configs/X.yaml configures recipes/X.py; sft_*.yaml configure recipes/sft.py."""
+    return "sft" if config.stem.startswith("sft_") else config.stem
+
+
+def test_every_recipe_has_a_config_and_every_config_a_recipe():
+    configured = {recipe_of(c) for c in CONFIGS}
+    assert configured - set(RECIPE_NAMES) == set(), "configs without a recipe"
+    assert set(RECIPE_NAMES) - configured == set(), "recipes without a config in recipes/configs/"
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_recipe_parses_with_trl_and_documents_its_options(name):
+    """Every recipe builds its options with TrlParser (no bare argparse); each option has help."""
+    source = (RECIPES / f"{name}.py").read_text()
+    assert "argparse" not in source, f"recipes/{name}.py still uses argparse"
+    recipe = load_recipe(name)
+    parser = recipe.make_parser()
+    assert isinstance(parser, TrlParser)
+    import dataclasses
+
+    own = [t for t in parser.dataclass_types if t.__module__ == recipe.__name__]
+    assert own, f"recipes/{name}.py defines no dataclass of its own options"
+    undocumented = [f"{t.__name__}.{f.name}" for t in own for f in dataclasses.fields(t) if not f.metadata.get("help")]
+    assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_into_its_recipe_dataclasses(config):
+    recipe = load_recipe(recipe_of(config))
+    parsed = recipe.make_parser().parse_args_and_config(["--config", str(config)])
+    keys = set(yaml.safe_load(config.read_text()) or {})
+    fields = {name for obj in parsed for name in vars(obj)}
+    assert keys <= fields, keys - fields  # every key landed in a dataclass (unknown keys already raise)
+
+
+def test_shared_data_paths_only_in_the_configs():
+    """Recipes and package code never point at ../shared/data themselves: the configs do."""
+    import re
+
+    pattern = re.compile(r"shared[\\/\"', ]+data")
+    offenders = [str(p.relative_to(ROOT)) for p in [*RECIPES.glob("*.py"), *(ROOT / "personaweave").rglob("*.py")]
+                 if pattern.search(p.read_text())]
+    assert not offenders, offenders
+    assert any("../shared/data" in c.read_text() for c in CONFIGS)
+
+
+def test_ppo_eval_scores_with_the_runs_weights(tmp_path):
+    from personaweave.training.rewards import DEFAULT_WEIGHTS, save_reward_weights
+
+    evaluation = load_recipe("ppo_eval")
+    ppo_yaml = RECIPES / "configs" / "ppo.yaml"
+    # a run folder without the saved weights: the PPO config's weights
+    from_config = evaluation.run_reward_weights(str(tmp_path), str(ppo_yaml))
+    assert from_config == {k: float(v) for k, v in yaml.safe_load(ppo_yaml.read_text())["reward_weights"].items()}
+    # a run that trained with other weights: those, not the library defaults nor the YAML
+    run_weights = {"classifier_confidence": 0.25, "goal": 2.0}
+    save_reward_weights(run_weights, str(tmp_path))
+    assert evaluation.run_reward_weights(str(tmp_path), str(ppo_yaml)) == run_weights != DEFAULT_WEIGHTS
+    with pytest.raises(FileNotFoundError, match="reward weights"):
+        evaluation.run_reward_weights(str(tmp_path / "missing"), str(tmp_path / "missing.yaml"))
+
+
 @pytest.mark.parametrize("config", sorted((RECIPES / "configs").glob("sft*.yaml")), ids=lambda p: p.name)
 def test_sft_configs_parse(config):
     sft = load_recipe("sft")

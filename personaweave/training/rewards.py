@@ -36,6 +36,8 @@ from personaweave.evaluation.metrics import distinct_n
 from personaweave.evaluation.signals import sentiment
 
 DEFAULT_WEIGHTS = {"classifier_confidence": 1.0, "example_similarity": 0.5, "goal": 1.0}
+# A PPO run writes the weights it trained with here (in its output_dir); its evaluation reads them back.
+REWARD_WEIGHTS_FILE = "reward_weights.json"
 GOAL_PARTS = ("relevance", "length", "sentiment", "repetition", "complete")
 
 
@@ -114,6 +116,29 @@ def combined_reward(weights: Optional[Mapping[str, float]] = None, ctx: Optional
         return np.asarray(total, dtype=np.float32), parts
 
     return reward
+
+
+def save_reward_weights(weights: Mapping[str, float], folder: str) -> str:
+    """Write a run's reward weights to `folder/reward_weights.json`; returns the path."""
+    import os
+
+    from personaweave.files import write_json
+
+    path = os.path.join(folder, REWARD_WEIGHTS_FILE)
+    write_json({k: float(v) for k, v in weights.items()}, path)
+    return path
+
+
+def load_reward_weights(folder: str) -> dict[str, float]:
+    """The reward weights a PPO run trained with (written by `save_reward_weights`)."""
+    import json
+    import os
+
+    path = os.path.join(folder, REWARD_WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {REWARD_WEIGHTS_FILE} in {folder}: not a PPO run folder of this version.")
+    with open(path, encoding="utf-8") as handle:
+        return {k: float(v) for k, v in json.load(handle).items()}
 
 
 class CombinedRewardConfig(PretrainedConfig):

@@ -10,21 +10,21 @@ import numpy as np
 
 from personaweave.evaluation.signals import extract_signals
 from personaweave.models.personas import TRAITS
-from personaweave.serving.adaptation.env import ConversationEnv
+from personaweave.serving.adaptation.env import HOLD_ACTION, ConversationEnv
 from personaweave.traits.incontext import traits_to_blend
 
 Policy = Callable[[np.ndarray], int]
 
 
 def hold_policy(observation: np.ndarray) -> int:
-    """The no-op policy (every trait + 0): the persona stays where it is."""
-    return 2
+    """The no-op policy (a trait + 0.0): the persona stays where it is."""
+    return HOLD_ACTION
 
 
 class TraitAdaptationEngine:
     """Keeps each user's trait state, smoothed across turns, and the matching blend in the model.
 
-    `policy(observation) -> action` picks one of the environment's 50 trait adjustments from the
+    `policy(observation) -> action` picks one of the environment's `NUM_ACTIONS` trait adjustments from the
     turn's signals and the current traits (an SB3 policy's `predict`, or `hold_policy`).
     """
 

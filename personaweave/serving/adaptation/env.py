@@ -11,7 +11,6 @@ negative feedback). Reward follows the spec's conversation reward.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -23,6 +22,10 @@ from personaweave.evaluation.signals import SIGNAL_NAMES
 from personaweave.models.personas import TRAITS
 
 DELTAS = (-0.2, -0.1, 0.0, 0.1, 0.2)
+# One action per (trait, delta), trait-major: action = trait * len(DELTAS) + delta index.
+NUM_ACTIONS = len(TRAITS) * len(DELTAS)
+# The no-op action (trait 0, delta 0.0): the traits stay where they are.
+HOLD_ACTION = DELTAS.index(0.0)
 MAX_TURNS = 50
 # Keyword heuristic: profile words that raise a preferred trait (documented, deliberately simple).
 TRAIT_KEYWORDS = {
@@ -45,10 +48,12 @@ def profile_traits(profile: str) -> np.ndarray:
     return np.array([min(1.0, 0.3 + 0.2 * sum(k in text for k in TRAIT_KEYWORDS[t])) for t in TRAITS], np.float32)
 
 
-def load_user_profiles(path: Optional[str] = None) -> list[np.ndarray]:
-    """Preference vectors of the real Synthetic-Persona-Chat profiles (both speakers)."""
-    path = path or os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                                "synthetic_persona_chat", "Synthetic-Persona-Chat_valid.csv")
+def load_user_profiles(path: str) -> list[np.ndarray]:
+    """Preference vectors of the real Synthetic-Persona-Chat profiles (both speakers).
+
+    `path`: a Synthetic-Persona-Chat CSV (e.g. `Synthetic-Persona-Chat_valid.csv`); the recipe
+    takes it from its config (`user_profiles_csv` in recipes/configs/trait_policy.yaml).
+    """
     with open(path, encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return [profile_traits(r[key]) for r in rows for key in ("user 1 personas", "user 2 personas")]
@@ -67,7 +72,7 @@ class ConversationEnv(gym.Env):
         self.start_traits = None if start_traits is None else np.asarray(start_traits, np.float32)
         self.noise = noise
         self.max_turns = max_turns
-        self.action_space = spaces.Discrete(len(TRAITS) * len(DELTAS))
+        self.action_space = spaces.Discrete(NUM_ACTIONS)
         low = np.array([-1.0] + [0.0] * (len(SIGNAL_NAMES) - 1) + [0.0] * len(TRAITS), np.float32)
         self.observation_space = spaces.Box(low=low, high=np.ones_like(low), dtype=np.float32)
 
