@@ -28,7 +28,13 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from personaweave import PersonaWeaveForCausalLM, from_base
 from personaweave.data import load_persona_dialogues
 from personaweave.files import save_folder_atomically
-from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities, set_sub_personality
+from personaweave.sub_personalities import (
+    DEFAULT_TARGET_MODULES,
+    add_sub_personality,
+    lora_config,
+    save_sub_personalities,
+    set_sub_personality,
+)
 from personaweave.training.sft import (
     NanGuard,
     ProgressiveUnfreezing,
@@ -59,11 +65,17 @@ class PersonaSFTArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "Modules to adapt."})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={
+        "help": "Modules to adapt (default: personaweave.sub_personalities.DEFAULT_TARGET_MODULES)."})
     unfreeze_schedule: Optional[str] = field(
         default=None, metadata={"help": "Progressive unfreezing, 'STEP:N,...': train the top N base layers from STEP."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base with bitsandbytes (CUDA only)."})
+
+
+def sub_personality_lora_config(args: PersonaSFTArguments):
+    """The LoRA config of every sub-personality: the library's, with the config's overrides."""
+    return lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                       args.lora_target_modules or DEFAULT_TARGET_MODULES)
 
 
 def quantization_kwargs(args: PersonaSFTArguments) -> dict:
@@ -169,8 +181,7 @@ def main(script_args: PersonaSFTArguments, training_args: SFTConfig) -> str:
     elif script_args.stage == "sub_personality":
         for p in model.parameters():
             p.requires_grad_(False)
-        config = lora_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout,
-                             script_args.lora_target_modules)
+        config = sub_personality_lora_config(script_args)
         if training_args.process_index == 0:  # the master, before LoRA layers are injected into it
             save_folder_atomically(model, tokenizer, final_dir)
         peft_model = model

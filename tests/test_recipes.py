@@ -99,6 +99,17 @@ def test_sft_configs_parse(config):
     assert training_args.output_dir
 
 
+def test_sft_lora_targets_default_to_the_library_and_the_config_overrides():
+    from personaweave.sub_personalities import DEFAULT_TARGET_MODULES
+
+    sft = load_recipe("sft")
+    assert sft.sub_personality_lora_config(sft.PersonaSFTArguments()).target_modules == set(DEFAULT_TARGET_MODULES)
+    script_args, _ = sft.make_parser().parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "sft_sub_personality.yaml")])
+    override = yaml.safe_load((RECIPES / "configs" / "sft_sub_personality.yaml").read_text())["lora_target_modules"]
+    assert sft.sub_personality_lora_config(script_args).target_modules == set(override)
+
+
 def test_traits_config_parses():
     traits = load_recipe("traits")
     args, training_args = TrlParser((traits.TraitArguments, traits.TrainingArguments)).parse_args_and_config(
