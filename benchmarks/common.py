@@ -12,11 +12,3 @@ def peak_rss_mb() -> float:
                 return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
 
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

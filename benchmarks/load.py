@@ -22,8 +22,7 @@ import time
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
-from common import free_port  # noqa: E402
+from personaweave.testing import free_port  # noqa: E402
 
 PERSONAS = ["pirate", "robot", "butler", "librarian", "coach", "counselor", "grump", "scientist"]
 TURNS = ["Hi! How are you today?", "What should I cook tonight?", "Tell me about the sea.",

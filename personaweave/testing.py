@@ -76,18 +76,24 @@ def tiny_persona_model(num_persona_tokens: int = 2, persona_dim: int = 8, seed: 
     return model, tok
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (the OS picks it; the socket is closed again)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     """Run an ASGI app with uvicorn on a free loopback port in a thread; yields the base URL."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
+    port = free_port(host)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

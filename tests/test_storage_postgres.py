@@ -10,7 +10,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'personaweave[serve]')")
 
 from personaweave.serving import Storage  # noqa: E402
+from personaweave.testing import free_port  # noqa: E402
 
 
 def _pg_bin() -> str | None:
@@ -30,12 +30,6 @@ def _pg_bin() -> str | None:
         return os.path.dirname(os.path.realpath(found))
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return os.path.dirname(versions[-1]) if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def postgres_url():
     try:
         try:
             run(os.path.join(bindir, "initdb"), "-D", str(data), "-A", "trust", "-U", "pw", "--no-sync")
-            port = _free_port()
+            port = free_port()
             run(os.path.join(bindir, "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
                 f"-p {port} -h 127.0.0.1 -k {data} -c fsync=off", "start")
         except (subprocess.SubprocessError, OSError) as err:
