@@ -166,6 +166,24 @@ def pretrain_head(tasks: Sequence[TraitTask], steps: int = 300, lr: float = 1e-2
     return head
 
 
+def task_meta_loss(module: nn.Module, split: Sequence[torch.Tensor], inner_steps: int, inner_lr: float,
+                   first_order: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One task's MAML objective: the query loss after `inner_steps` SGD steps on the support set.
+
+    Returns (loss, wrt): the meta-gradient is d loss / d wrt. Second order: wrt = the module's
+    parameters, differentiated through the inner loop. First order (FOMAML): wrt = the adapted
+    parameters as fresh leaves, i.e. the query gradient at the adapted point, to be applied to the
+    initial one.
+    """
+    sx, sy, qx, qy = split
+    params = dict(module.named_parameters())
+    adapted = inner_adapt(module, params, sx, sy, inner_steps, inner_lr, create_graph=not first_order)
+    if first_order:
+        adapted = {n: p.detach().requires_grad_(True) for n, p in adapted.items()}
+    loss = nn.functional.mse_loss(torch.func.functional_call(module, adapted, (qx,)), qy)
+    return loss, list(adapted.values()) if first_order else list(params.values())
+
+
 def maml_train(head: TraitHead, tasks: Sequence[TraitTask], k: int = 5, inner_steps: int = 5, inner_lr: float = 0.5,
                meta_lr: float = 1e-3, meta_steps: int = 300, tasks_per_step: int = 8, first_order: bool = False,
                gradient_accumulation_steps: int = 1, mixed_precision: str = "no", seed: int = 0) -> TraitHead:
@@ -191,15 +209,11 @@ def maml_train(head: TraitHead, tasks: Sequence[TraitTask], k: int = 5, inner_st
             for _ in range(tasks_per_step):
                 a, b = rng.sample(list(tasks), 2)
                 task = blended_task(a, b, rng.random(), 4 * k, rng) if rng.random() < 0.5 else a
-                sx, sy, qx, qy = (t.to(device) for t in task.split(k, rng))
-                params = dict(module.named_parameters())
-                adapted = inner_adapt(module, params, sx, sy, inner_steps, inner_lr, create_graph=not first_order)
-                if first_order:  # FOMAML: gradients at the adapted point, applied to the initial one
-                    adapted = {n: p.detach().requires_grad_(True) for n, p in adapted.items()}
-                query = torch.func.functional_call(module, adapted, (qx,))
-                loss = nn.functional.mse_loss(query, qy) / tasks_per_step
+                split = tuple(t.to(device) for t in task.split(k, rng))
+                loss, wrt = task_meta_loss(module, split, inner_steps, inner_lr, first_order)
+                loss = loss / tasks_per_step
                 if first_order:
-                    grads = torch.autograd.grad(loss, list(adapted.values()))
+                    grads = torch.autograd.grad(loss, wrt)
                     for p, g in zip(module.parameters(), grads):
                         p.grad = g if p.grad is None else p.grad + g
                 else:
