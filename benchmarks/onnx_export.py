@@ -66,7 +66,7 @@ def measure(variant: str, location: str, new_tokens: int, repeats: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    import personaweave  # noqa: F401  (registers the Auto classes)
+    import personaweave.models  # noqa: F401  (registers the Auto classes)
 
     if location.endswith(".onnx"):
         from optimum.onnxruntime import ORTModelForCausalLM

@@ -1,50 +1,50 @@
 """personaweave: persona-conditioned dialogue models for the Hugging Face ecosystem.
 
-Importing the package registers the PersonaWeave classes with transformers' Auto classes.
+`import personaweave` is cheap (no torch, no transformers): the names below load on first use
+(PEP 562), so `personaweave --help` starts fast. Importing the models (`personaweave.models`, or any
+model name from here, e.g. `personaweave.PersonaWeaveForCausalLM`) registers the PersonaWeave classes
+with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from __future__ import annotations
 
-from personaweave.chat import chat, prompt_baseline_messages
-from personaweave.encoders import default_encoder
-from personaweave.loading import from_base, load_model
-from personaweave.models import (
-    TRAITS,
-    Persona,
-    PersonaBank,
-    PersonaEmbedding,
-    PersonaTraitConfig,
-    PersonaTraitModel,
-    PersonaWeaveConfig,
-    PersonaWeaveForCausalLM,
-    PersonaWeaveForConditionalGeneration,
-    PersonaWeavePreTrainedModel,
-    persona_prompt,
-    persona_token,
-)
-from personaweave.models import modeling_personaweave as _modeling
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# The one place where the Auto classes are registered: locally (AutoX.register) and, for
-# saved folders, in their config's auto_map (register_for_auto_class).
-AutoConfig.register(PersonaWeaveConfig.model_type, PersonaWeaveConfig, exist_ok=True)
-AutoModelForCausalLM.register(PersonaWeaveConfig, PersonaWeaveForCausalLM, exist_ok=True)
-AutoModelForSeq2SeqLM.register(PersonaWeaveConfig, PersonaWeaveForConditionalGeneration, exist_ok=True)
-AutoConfig.register(PersonaTraitConfig.model_type, PersonaTraitConfig, exist_ok=True)
-AutoModel.register(PersonaTraitConfig, PersonaTraitModel, exist_ok=True)
-PersonaWeaveConfig.register_for_auto_class()
-PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
-PersonaTraitConfig.register_for_auto_class()
-PersonaTraitModel.register_for_auto_class("AutoModel")
-# Descriptions are encoded by the shipped MiniLM unless a call passes its own encoder.
-_modeling.DEFAULT_ENCODER_FACTORY = default_encoder
+# name -> module that defines it; loaded on first attribute access.
+_LAZY = {
+    **{name: "personaweave.models" for name in (
+        "TRAITS", "Persona", "PersonaBank", "PersonaEmbedding", "PersonaTraitConfig", "PersonaTraitModel",
+        "PersonaWeaveConfig", "PersonaWeaveForCausalLM", "PersonaWeaveForConditionalGeneration",
+        "PersonaWeavePreTrainedModel", "persona_prompt", "persona_token")},
+    "chat": "personaweave.chat",
+    "prompt_baseline_messages": "personaweave.chat",
+    "default_encoder": "personaweave.encoders",
+    "from_base": "personaweave.loading",
+    "load_model": "personaweave.loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'personaweave' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def add_persona_tokens(tokenizer, model) -> list[str]:
     """Add every reserved token of `model`'s bank to `tokenizer` (e.g. a freshly loaded base
     tokenizer) and check that the ids agree with the model's; returns the tokens."""
+    from personaweave.models import persona_token
+
     tokens = [persona_token(n, i) for n in model.config.persona_names
               for i in range(model.config.num_persona_tokens)]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)

@@ -108,6 +108,68 @@ def test_generate_with_cache_matches_generate_without_cache(persona_model):
     assert not reserved & set(new.reshape(-1).tolist())
 
 
+
+def _persona_batch(model, tok):
+    return tok.apply_chat_template(
+        [chat("robot", "hello what", model=model), chat("pirate", "why is the sea good ?", model=model)],
+        add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True,
+    )
+
+
+def test_generate_from_inputs_embeds_keeps_the_persona(tmp_path, persona_model):
+    model, tok = persona_model
+    model.add_persona("mix", blend={"robot": 1, "pirate": 1}, tokenizer=tok)  # grows the embeddings
+    batch = _persona_batch(model, tok)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    greedy = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    from_ids = model.generate(**batch, **greedy)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, **greedy)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(from_embeds.scores, from_ids.scores)
+    # The plain token table at persona positions is another prompt (the tiny model's greedy tokens may
+    # coincide, its scores do not).
+    plain = torch.nn.functional.embedding(ids, model.get_input_embeddings().weight)
+    from_plain = model.generate(inputs_embeds=plain, attention_mask=mask, **greedy)
+    assert (from_plain.scores[0] - from_ids.scores[0]).abs().max() > 1e-3
+    # The same after a save/load round trip (the persona-aware embedding is rebuilt, weights unchanged).
+    model.save_pretrained(tmp_path)
+    loaded = PersonaWeaveForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.get_input_embeddings()(ids), embeds, rtol=0, atol=0)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_return_dict_false_returns_a_tuple_led_by_the_logits(persona_model, t5_persona_model):
+    model, tok = persona_model
+    ids = encode(tok, "pirate", model=model)
+    logits = model(ids).logits
+    out = model(ids, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], logits, rtol=0, atol=0)
+    model.config.return_dict = False  # the config's choice is honoured too
+    assert isinstance(model(ids), tuple)
+    t5, t5_tok = t5_persona_model
+    enc = t5_tok(persona_prompt("robot", 2) + " hello", return_tensors="pt")["input_ids"]
+    dec = torch.zeros((1, 1), dtype=torch.long)
+    out = t5(enc, decoder_input_ids=dec, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], t5(enc, decoder_input_ids=dec).logits, rtol=0, atol=0)
+
+
+def test_persona_logit_mask_compiles_without_graph_breaks(persona_model):
+    model, tok = persona_model
+    logits = model(encode(tok, "robot", model=model)).logits
+    compiled = torch.compile(model.mask_persona_logits, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(logits), model.mask_persona_logits(logits), rtol=0, atol=0)
+
+
+def test_top_level_config_and_auto_model_registration(persona_model):
+    from transformers import AutoModel
+
+    model, _ = persona_model
+    assert model.config.use_cache is True  # generate() reads it from the top-level config
+    assert type(AutoModel.from_config(model.config)) is PersonaWeaveForCausalLM
+
 def test_blend_vector_is_the_normalised_weighted_mix(persona_model):
     model, tok = persona_model
     persona = model.add_persona("mix", blend={"robot": 0.6, "pirate": 0.2}, tokenizer=tok)

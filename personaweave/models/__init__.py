@@ -4,8 +4,11 @@
 import only torch, transformers and each other (relatively), so `save_pretrained` copies them into a
 model folder that loads with `trust_remote_code=True` where personaweave is not installed. Nothing here
 knows where weights come from (see `personaweave.zoo` and `personaweave.loading`).
+
+Importing this package registers the classes with transformers' Auto classes (below).
 """
 
+from . import modeling_personaweave as _modeling
 from .configuration_personaweave import PersonaWeaveConfig
 from .modeling_personaweave import (
     PersonaEmbedding,
@@ -31,3 +34,32 @@ __all__ = [
     "persona_prompt",
     "persona_token",
 ]
+
+
+def _register_auto_classes() -> None:
+    """The one place where the Auto classes are registered: locally (AutoX.register, on import of
+    `personaweave.models`) and, for saved folders, in their config's auto_map (register_for_auto_class)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    AutoConfig.register(PersonaWeaveConfig.model_type, PersonaWeaveConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PersonaWeaveConfig, PersonaWeaveForCausalLM, exist_ok=True)
+    AutoModel.register(PersonaWeaveConfig, PersonaWeaveForCausalLM, exist_ok=True)  # no headless base class
+    AutoModelForSeq2SeqLM.register(PersonaWeaveConfig, PersonaWeaveForConditionalGeneration, exist_ok=True)
+    AutoConfig.register(PersonaTraitConfig.model_type, PersonaTraitConfig, exist_ok=True)
+    AutoModel.register(PersonaTraitConfig, PersonaTraitModel, exist_ok=True)
+    PersonaWeaveConfig.register_for_auto_class()
+    PersonaWeaveForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    PersonaWeaveForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+    PersonaTraitConfig.register_for_auto_class()
+    PersonaTraitModel.register_for_auto_class("AutoModel")
+
+
+def _default_encoder():
+    from personaweave.encoders import default_encoder
+
+    return default_encoder()
+
+
+_register_auto_classes()
+# Descriptions are encoded by the shipped MiniLM unless a call passes its own encoder.
+_modeling.DEFAULT_ENCODER_FACTORY = _default_encoder

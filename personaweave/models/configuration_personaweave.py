@@ -57,6 +57,8 @@ class PersonaWeaveConfig(PretrainedConfig):
         # Generation and weight tying read these from the top-level config.
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         kwargs.setdefault("is_encoder_decoder", getattr(text_config, "is_encoder_decoder", False))
+        # generate() and its helpers look for `use_cache` on the top-level config.
+        kwargs.setdefault("use_cache", getattr(text_config, "use_cache", True))
         # PretrainedConfig.__init__ pushes its attn_implementation down to text_config: keep the
         # wrapped model's choice unless one is asked for.
         kwargs.setdefault("attn_implementation", getattr(text_config, "_attn_implementation_internal", None))

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_personaweave import PersonaWeaveConfig
 from .personas import (
@@ -67,6 +69,26 @@ class PersonaEmbedding(nn.Module):
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         out = self.net(vectors)  # (P, k * H)
         return out.view(-1, self.num_tokens, self.hidden_size) + self.slot_bias
+
+
+class PersonaTokenEmbedding(nn.Embedding):
+    """The wrapped model's token embedding (the same weight) that looks up each reserved persona token as its
+    persona's soft vector, so `inputs_embeds=model.get_input_embeddings()(input_ids)` means what `input_ids`
+    means (generate, PEFT/TRL embedding hooks). Plain `nn.Embedding` only: subclasses keep their own forward."""
+
+    @classmethod
+    def wrap(cls, embedding: nn.Module, owner: PersonaWeavePreTrainedModel) -> nn.Module:
+        if type(embedding) is not nn.Embedding:
+            return embedding
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                  max_norm=embedding.max_norm, norm_type=embedding.norm_type,
+                  scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse, device="meta")
+        new.weight = embedding.weight
+        object.__setattr__(new, "_persona_owner", owner)  # a plain reference, not a submodule
+        return new
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._persona_owner._substitute_personas(input_ids, super().forward(input_ids))
 
 
 class PersonaWeavePreTrainedModel(PreTrainedModel):
@@ -202,7 +224,13 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
 
     def embed_with_personas(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings with every reserved persona token replaced by its soft vector."""
-        embeds = self.get_input_embeddings()(input_ids)
+        embedding = self.get_input_embeddings()
+        embeds = embedding(input_ids)
+        if isinstance(embedding, PersonaTokenEmbedding):
+            return embeds
+        return self._substitute_personas(input_ids, embeds)
+
+    def _substitute_personas(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         table = self.persona_token_table.view(-1)  # (P * k,)
         if table.numel() == 0:
             return embeds
@@ -219,10 +247,13 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
     def mask_persona_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Reserved tokens are inputs only: never predict them."""
         ids = self.persona_token_table.view(-1)
-        ids = ids[ids < logits.shape[-1]]
         if ids.numel() == 0:
             return logits
-        return logits.index_fill(-1, ids, torch.finfo(logits.dtype).min)
+        # Static shapes only (no boolean indexing), so torch.compile(fullgraph=True) and ONNX export trace it:
+        # ids past the vocabulary land in an extra slot that is then dropped.
+        vocab = logits.shape[-1]
+        blocked = torch.zeros(vocab + 1, device=logits.device).index_fill(0, ids.clamp(max=vocab), 1.0)[:vocab]
+        return logits.masked_fill(blocked.bool(), torch.finfo(logits.dtype).min)
 
     def _reserve_tokens(self, name: str, tokenizer: Any) -> list[int]:
         if tokenizer is None:
@@ -252,7 +283,15 @@ class PersonaWeaveForCausalLM(PersonaWeavePreTrainedModel, GenerationMixin):
     """Any causal LM, conditioned on personas selected by reserved tokens in `input_ids`."""
 
     _auto_class_for_base = AutoModelForCausalLM
+    # Static cache / torch.compile(fullgraph=True): true of the wrapped LMs this targets (Llama-style decoders).
+    _can_compile_fullgraph = True
 
+    def __init__(self, config: PersonaWeaveConfig, language_model: Optional[PreTrainedModel] = None) -> None:
+        super().__init__(config, language_model)
+        self.language_model.set_input_embeddings(
+            PersonaTokenEmbedding.wrap(self.language_model.get_input_embeddings(), self))
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -262,9 +301,11 @@ class PersonaWeaveForCausalLM(PersonaWeavePreTrainedModel, GenerationMixin):
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -273,6 +314,7 @@ class PersonaWeaveForCausalLM(PersonaWeavePreTrainedModel, GenerationMixin):
             if labels is not None:
                 # Persona positions are conditioning, not text to predict.
                 labels = labels.masked_fill(self.persona_token_mask(input_ids), -100)
+        _pass_if_set(kwargs, output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -281,6 +323,7 @@ class PersonaWeaveForCausalLM(PersonaWeavePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             cache_position=cache_position,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
         logits = self.mask_persona_logits(outputs.logits)
@@ -373,6 +416,7 @@ class PersonaWeaveForConditionalGeneration(PersonaWeavePreTrainedModel, Generati
         mask = has_persona[:, None].long().expand(batch, k)
         return soft, mask
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -384,13 +428,16 @@ class PersonaWeaveForConditionalGeneration(PersonaWeavePreTrainedModel, Generati
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
-        **kwargs: Any,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
+        _pass_if_set(kwargs, output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if encoder_outputs is None:
-            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+            flags = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
+            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, **flags)
         if not isinstance(encoder_outputs, PersonaEncoderOutput):
             raise ValueError("encoder_outputs must come from this model's get_encoder().")
-        kwargs.pop("return_dict", None)
         outputs = self.language_model(
             encoder_outputs=(encoder_outputs.last_hidden_state,),
             attention_mask=encoder_outputs.attention_mask,
@@ -411,10 +458,17 @@ class PersonaWeaveForConditionalGeneration(PersonaWeavePreTrainedModel, Generati
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
         )
 
 
-# Set by the personaweave package (`personaweave/__init__.py`) to its shipped MiniLM; None where these
+def _pass_if_set(kwargs: dict[str, Any], **flags: Optional[bool]) -> None:
+    """Forward output_* flags only when given, so the wrapped model's config defaults still apply."""
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+
+
+# Set by `personaweave/models/__init__.py` to the shipped MiniLM; None where these
 # files run as remote code without the package: encoding a description then needs `encoder=`.
 DEFAULT_ENCODER_FACTORY: Optional[Any] = None
 
