@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench lint clean postgres
+.PHONY: install demo test test-fast bench lint clean postgres transformers-tests
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,18 @@ postgres:
 demo: install
 	$(BIN)/personaweave demo
 
+# transformers' own common model tests (ModelTesterMixin) for the installed transformers version, from its
+# source distribution on PyPI, into a git-ignored folder; tests/test_transformers_common.py runs them
+# (and skips, saying why, without them). Does nothing when already there.
+transformers-tests: install
+	@PY=$(BIN)/python bash tests/transformers_common/fetch_transformers_tests.sh .cache/transformers-tests
+
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: install
+test: install transformers-tests
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test-fast: install
+test-fast: install transformers-tests
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
@@ -50,4 +56,4 @@ lint: install
 	$(BIN)/ruff check personaweave tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache/transformers-tests
