@@ -180,7 +180,9 @@ class _Judge:
         flu = (fluency(self.base_model, self.tokenizer, prompts, replies) if self.base_model is not None
                else np.full(len(replies), np.nan))
         defects = [penalties(r, self.descriptions.get(p)) for r, p in zip(replies, personas)]
-        return Verdicts(list(personas), [self.names[i] for i in probs.argmax(-1)] if len(probs) else [],
+        # an empty reply identifies nobody: it counts as wrong
+        predicted = [self.names[i] if r.strip() else "" for i, r in zip(probs.argmax(-1), replies)] if len(probs) else []
+        return Verdicts(list(personas), predicted,
                         probs[np.arange(len(index)), index] if len(index) else np.zeros(0), rel, flu, defects)
 
 
@@ -212,14 +214,23 @@ class EvaluationJudge(_Judge):
 class SelectionJudge(_Judge):
     """Scores candidate replies to choose training data (best-of-N) and preference pairs; a reward.
 
-    score = persona_weight * P(persona | reply, example lines) + relevance_weight * relevance
-            + fluency_weight * fluency - penalty for each defect (cut-off costs less)
-    It reads the personas' *example lines* (`default_personas.json`), never the evaluation anchors.
+        on_topic = clip(relevance / relevance_target, 0, 1)
+        score = persona * P(persona | reply) * on_topic          (in character AND answering the turn)
+              + relevance * min(relevance, relevance_cap)         (a small tie-break towards on-topic)
+              - fluency * max(0, fluency_floor - log-likelihood)  (only clearly disfluent text pays)
+              - hard_penalty * (empty + looping + restating the description + breaking character)
+              - cut_off * (ends mid-sentence)
+
+    P(persona | reply) is a softmax over the bank of cosine similarity to each persona's *example
+    lines* (`default_personas.json`); the evaluation anchors are never read. The product makes an
+    in-character reply that ignores the user worth little, and a bland on-topic one too; raw
+    log-likelihood is not rewarded (a 135M model finds any stylised voice unlikely), only a floor.
     """
 
     def __init__(self, *args: Any, weights: Optional[Mapping[str, float]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.weights = {"persona": 1.0, "relevance": 1.0, "fluency": 0.1, "hard_penalty": 1.0, "cut_off": 0.3,
+        self.weights = {"persona": 1.0, "relevance": 0.2, "relevance_target": 0.3, "relevance_cap": 0.5,
+                        "fluency": 0.2, "fluency_floor": -4.0, "hard_penalty": 1.0, "cut_off": 0.3,
                         **(weights or {})}
 
     @classmethod
@@ -237,12 +248,14 @@ class SelectionJudge(_Judge):
     def judge(self, prompts: Sequence[str], replies: Sequence[str], personas: Sequence[str]) -> Verdicts:
         verdicts = super().judge(prompts, replies, personas)
         w = self.weights
-        flu = np.where(np.isfinite(verdicts.fluency), verdicts.fluency, -10.0)
-        flu = np.nan_to_num(flu, nan=0.0)
+        flu = np.nan_to_num(np.where(np.isfinite(verdicts.fluency), verdicts.fluency, -10.0), nan=w["fluency_floor"])
         hard = np.array([sum(d[k] for k in HARD_PENALTIES) for d in verdicts.defects], dtype=float)
         cut = np.array([d["cut_off"] for d in verdicts.defects], dtype=float)
-        verdicts.scores = (w["persona"] * verdicts.persona_prob + w["relevance"] * verdicts.relevance
-                           + w["fluency"] * flu - w["hard_penalty"] * hard - w["cut_off"] * cut)
+        on_topic = np.clip(verdicts.relevance / w["relevance_target"], 0.0, 1.0)
+        verdicts.scores = (w["persona"] * verdicts.persona_prob * on_topic
+                           + w["relevance"] * np.minimum(verdicts.relevance, w["relevance_cap"])
+                           - w["fluency"] * np.maximum(0.0, w["fluency_floor"] - flu)
+                           - w["hard_penalty"] * hard - w["cut_off"] * cut)
         return verdicts
 
 

@@ -1,0 +1,146 @@
+"""Persona dialogue dataset v2: best-of-N replies chosen by the selection judge, plus preference pairs.
+
+Reads the candidate shards written by `generate_candidates.py` (N sampled replies per user turn and
+persona), cuts each reply back to its last complete sentence, scores every candidate with the
+*selection* judge (`personaweave.evaluation.judges.SelectionJudge`: the personas' example lines,
+relevance, bare-base fluency, penalties), and keeps for each (turn, persona):
+- the best candidate as the SFT reply, if its score clears `--threshold` and it has no hard defect;
+- (best, worst) as a preference pair when their scores differ by at least `--pair_margin`.
+The evaluation anchors are never read here (tests/test_judges.py checks it).
+
+Judged shards are cached beside the candidates (`judged-XXXXX.parquet`), so re-running after new
+shards arrive judges only the new ones.
+
+Usage:
+    python datasets_scripts/build_persona_dialogues_v2.py --shards datasets_scripts/shards/v2 \
+        --out personaweave/data/persona_dialogues_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from build_persona_dialogues import SYSTEM_TEMPLATE, trim_to_sentence  # noqa: E402
+
+SPLITS = ("train", "validation", "test")
+
+
+def judge_shard(path: str, judge, out_path: str):
+    """Score one candidate shard with the selection judge; cache the result as parquet (atomically)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    frame["reply_trimmed"] = [trim_to_sentence(r) for r in frame["reply"]]
+    verdicts = judge.judge(list(frame["prompt"]), list(frame["reply_trimmed"]), list(frame["persona"]))
+    frame["score"] = verdicts.scores
+    frame["persona_prob"] = verdicts.persona_prob
+    frame["relevance"] = verdicts.relevance
+    frame["fluency"] = verdicts.fluency
+    frame["hard_defect"] = [any(d[k] for k in ("empty", "repetition", "restates_description", "breaks_character"))
+                            for d in verdicts.defects]
+    tmp = out_path + ".tmp"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, out_path)
+    return frame
+
+
+def select(frame, threshold: float, pair_margin: float):
+    """(sft rows, preference rows, counts) from judged candidates."""
+    from personaweave.models.personas import TRAITS
+    from personaweave.zoo import load_default_personas
+
+    personas = {p.name: p for p in load_default_personas()}
+    sft, pairs = [], []
+    counts = {"groups": 0, "kept": 0, "below_threshold": 0, "all_defective": 0, "pairs": 0}
+    for (prompt, persona), group in frame.groupby(["prompt", "persona"], sort=False):
+        counts["groups"] += 1
+        clean = group[~group["hard_defect"]].sort_values("score", ascending=False)
+        ranked = group.sort_values("score", ascending=False)
+        p = personas[persona]
+        system = SYSTEM_TEMPLATE.format(description=p.description)
+        base = {"persona": persona, "description": p.description, "traits": [p.traits[t] for t in TRAITS],
+                "prompt": prompt, "source": group["source"].iloc[0], "split": group["split"].iloc[0]}
+        if clean.empty:
+            counts["all_defective"] += 1
+        elif clean["score"].iloc[0] < threshold:
+            counts["below_threshold"] += 1
+        else:
+            best = clean.iloc[0]
+            counts["kept"] += 1
+            sft.append({**base, "response": best["reply_trimmed"], "score": float(best["score"]),
+                        "persona_prob": float(best["persona_prob"]), "relevance": float(best["relevance"]),
+                        "fluency": float(best["fluency"]), "candidates": len(group),
+                        "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": best["reply_trimmed"]}]})
+            worst = ranked.iloc[-1]
+            if float(best["score"]) - float(worst["score"]) >= pair_margin and worst["reply_trimmed"] != best["reply_trimmed"]:
+                counts["pairs"] += 1
+                pairs.append({**base, "chosen": best["reply_trimmed"], "rejected": worst["reply_trimmed"],
+                              "chosen_score": float(best["score"]), "rejected_score": float(worst["score"])})
+    return sft, pairs, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", default="datasets_scripts/shards/v2")
+    parser.add_argument("--out", default="personaweave/data/persona_dialogues_v2")
+    parser.add_argument("--threshold", type=float, default=0.25,
+                        help="minimum selection score of the kept reply (see SelectionJudge)")
+    parser.add_argument("--pair_margin", type=float, default=0.2)
+    args = parser.parse_args(argv)
+
+    import pandas as pd
+
+    from personaweave.evaluation.judges import SelectionJudge
+    from personaweave.zoo import load_base, load_default_personas
+
+    start = time.time()
+    shards = sorted(glob.glob(os.path.join(args.shards, "shard-*.parquet")))
+    if not shards:
+        raise SystemExit(f"error: no candidate shards in {args.shards}")
+    judge = None
+    frames = []
+    for path in shards:
+        judged = path.replace("shard-", "judged-")
+        if os.path.exists(judged):
+            frames.append(pd.read_parquet(judged))
+            continue
+        if judge is None:
+            model, tokenizer = load_base()
+            judge = SelectionJudge.from_personas(load_default_personas(), base_model=model.eval(), tokenizer=tokenizer)
+        shard_start = time.time()
+        frames.append(judge_shard(path, judge, judged))
+        print(json.dumps({"judged": os.path.basename(path), "seconds": round(time.time() - shard_start, 1)}), flush=True)
+    frame = pd.concat(frames, ignore_index=True)
+    sft, pairs, counts = select(frame, args.threshold, args.pair_margin)
+    os.makedirs(args.out, exist_ok=True)
+    rows = {}
+    for split in SPLITS:
+        part = [{k: v for k, v in r.items() if k != "split"} for r in sft if r["split"] == split]
+        rows[split] = len(part)
+        pd.DataFrame(part).to_parquet(os.path.join(args.out, f"{split}.parquet"), index=False)
+        pair_part = [{k: v for k, v in r.items() if k != "split"} for r in pairs if r["split"] == split]
+        pd.DataFrame(pair_part).to_parquet(os.path.join(args.out, f"preferences_{split}.parquet"), index=False)
+    settings = json.load(open(os.path.join(args.shards, "turns.json"), encoding="utf-8"))["settings"]
+    stats = {"shards": len(shards), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
+             "turns": int(frame["prompt"].nunique()), **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
+             "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
+             "threshold": args.threshold, "pair_margin": args.pair_margin, "generation": settings,
+             "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
+             "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())
+                                     for k in ("score", "persona_prob", "relevance", "fluency")},
+             "seconds_build": round(time.time() - start, 1)}
+    with open(os.path.join(args.out, "stats.json"), "w", encoding="utf-8") as handle:
+        json.dump(stats, handle, indent=2)
+    print(json.dumps({k: stats[k] for k in ("candidates", "turns", "kept", "acceptance_rate", "pairs", "rows")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The two judges, the v2 data pipeline, and the wall between evaluation anchors and training."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib.util
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from personaweave.evaluation.judges import EvaluationJudge, SelectionJudge, load_eval_anchors, penalties
+from personaweave.zoo import load_default_personas
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "datasets_scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))
+    spec.loader.exec_module(module)
+    return module
+
+
+class BagOfWordsEncoder:
+    """A deterministic stand-in for MiniLM: hashed bag of words, unit vectors."""
+
+    dim = 256
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"[a-z']+", text.lower()):
+                out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-8)
+
+
+def test_penalties_flag_each_defect():
+    description = "a boisterous pirate captain who talks in nautical slang"
+    assert penalties("", description)["empty"]
+    assert penalties("Arr, the sea is wide and I love it so much and", description)["cut_off"]
+    assert penalties("I sail. I sail. I sail. I sail. I sail. I sail.", description)["repetition"]
+    assert penalties("I am a boisterous pirate captain who sails.", description)["restates_description"]
+    assert penalties("As an AI, I cannot sail.", description)["breaks_character"]
+    clean = penalties("Arr, grab a good book and a mug of grog, matey!", description)
+    assert not any(clean.values())
+
+
+def test_anchors_are_held_out_from_training_and_selection_data():
+    anchors = load_eval_anchors()
+    personas = load_default_personas()
+    assert set(anchors) == {p.name for p in personas}
+    assert all(len(lines) >= 20 for lines in anchors.values())
+    examples = {e.lower() for p in personas for e in p.examples}
+    lines = [line.lower() for group in anchors.values() for line in group]
+    assert not examples & set(lines)
+    import pandas as pd
+
+    for folder in ("persona_dialogues", "persona_dialogues_v2"):
+        for path in (ROOT / "personaweave" / "data" / folder).glob("*.parquet"):
+            frame = pd.read_parquet(path)
+            texts = set()
+            for column in ("response", "chosen", "rejected"):
+                if column in frame:
+                    texts |= {t.lower() for t in frame[column]}
+            assert not texts & set(lines), f"an evaluation anchor is in {path}"
+
+
+def test_no_training_or_selection_code_reads_the_anchors():
+    """Only the evaluation package and evaluation recipes may name the anchors file or its loader."""
+    allowed = {ROOT / "personaweave" / "evaluation" / "judges.py", ROOT / "recipes" / "persona_quality.py",
+               ROOT / "recipes" / "persona_drift.py"}
+    offenders = []
+    for folder in ("personaweave", "recipes", "datasets_scripts", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path in allowed:
+                continue
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+            names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+            if "eval_anchors" in text or {"load_eval_anchors", "ANCHORS_FILE", "EvaluationJudge"} & names:
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_selection_pipeline_never_opens_the_anchors(tmp_path, monkeypatch):
+    """Run the v2 builder's judging + selection on a small shard and watch every file it opens."""
+    import pandas as pd
+
+    build = _script("build_persona_dialogues_v2")
+    personas = load_default_personas()
+    rows = []
+    for p in personas[:3]:
+        for sample, reply in enumerate([p.examples[0], "ok.", "I like turtles and the weather today is fine."]):
+            rows.append({"shard": 0, "prompt": "What should I read this weekend?", "source": "test", "split": "train",
+                         "persona": p.name, "description": p.description, "sample": sample, "reply": reply,
+                         "new_tokens": 5})
+    shard = tmp_path / "shard-00000.parquet"
+    pd.DataFrame(rows).to_parquet(shard)
+    opened = []
+    real_open = builtins.open
+
+    def watching_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watching_open)
+    import importlib.resources as resources
+
+    real_files = resources.files
+
+    def watching_files(package):
+        traversable = real_files(package)
+        opened.append(str(traversable))
+        return traversable
+
+    monkeypatch.setattr(resources, "files", watching_files)
+    judge = SelectionJudge.from_personas(personas, encoder=BagOfWordsEncoder())
+    frame = build.judge_shard(str(shard), judge, str(tmp_path / "judged-00000.parquet"))
+    sft, pairs, counts = build.select(frame, threshold=-10.0, pair_margin=0.0)
+    assert counts["groups"] == 3 and len(sft) == 3 and pairs
+    assert all(row["response"] != "ok." for row in sft)  # too short: a hard defect, never kept
+    assert not any("eval_anchors" in path for path in opened)
+
+
+def test_selection_judge_prefers_in_character_on_topic_replies():
+    personas = load_default_personas()
+    judge = SelectionJudge.from_personas(personas, encoder=BagOfWordsEncoder())
+    prompt = "What book should I read this weekend?"
+    in_voice_on_topic = "Arr matey, hoist the sails and read a book about treasure on the high seas this weekend!"
+    in_voice_off_topic = "Arr matey, hoist the sails, the grog barrel be empty and the crew be loyal!"
+    bland_on_topic = "You could read a book this weekend."
+    verdicts = judge.judge([prompt] * 3, [in_voice_on_topic, in_voice_off_topic, bland_on_topic], ["pirate"] * 3)
+    assert verdicts.scores[0] > verdicts.scores[1]
+    assert verdicts.scores[0] > verdicts.scores[2]
+
+
+def test_evaluation_judge_bad_input():
+    judge = EvaluationJudge.from_default_personas(encoder=BagOfWordsEncoder())
+    with pytest.raises(KeyError, match="Unknown persona"):
+        judge.judge(["hi"], ["hello"], ["ghost"])
+    with pytest.raises(ValueError, match="same length"):
+        judge.judge(["hi"], ["hello", "there"], ["pirate"])
+    verdicts = judge.judge(["hi"], [""], ["pirate"])
+    assert verdicts.summary()["persona_accuracy"] == 0.0  # an empty reply identifies nobody
+
+
+@pytest.mark.slow
+def test_judges_on_real_models_rank_hand_made_replies():
+    """MiniLM + the bare SmolLM2: in-character and on-topic beats in-character off-topic and bland on-topic,
+    for the selection judge's score; the evaluation judge gives the in-character reply more persona
+    evidence than the bland one and reports relevance and fluency that separate the off-topic and the
+    broken reply. (It does not always name the right persona: "a novel" pulls a robot's reply towards
+    the librarian, whose anchors talk about books.)"""
+    from personaweave.zoo import load_base
+
+    model, tokenizer = load_base()
+    personas = load_default_personas()
+    selection = SelectionJudge.from_personas(personas, base_model=model, tokenizer=tokenizer)
+    evaluation = EvaluationJudge.from_default_personas(encoder=selection.encoder, base_model=model, tokenizer=tokenizer)
+    prompt = "What should I read this weekend?"
+    replies = {
+        "robot": ("Processing. Optimal weekend reading: a science fiction novel. Humans enjoy fictional robots. "
+                  "Illogical, but efficient.",
+                  "Processing. Humans require sleep cycles and fuel. Illogical, but predictable.",
+                  "You could read a good novel this weekend."),
+        "pirate": ("Arr, matey! Read a tale of buried treasure and sea battles, best enjoyed with a mug of grog!",
+                   "Arr, matey! Hoist the sails and swab the deck, the tide waits for no crew!",
+                   "You could read a good novel this weekend."),
+    }
+    for persona, (good, off_topic, bland) in replies.items():
+        sel = selection.judge([prompt] * 3, [good, off_topic, bland], [persona] * 3)
+        assert sel.scores[0] > sel.scores[1] and sel.scores[0] > sel.scores[2], (persona, sel.scores)
+        ev = evaluation.judge([prompt] * 3, [good, off_topic, bland], [persona] * 3)
+        assert ev.persona_prob[0] > ev.persona_prob[2]  # more in character than the bland reply
+        assert ev.relevance[0] > ev.relevance[1]  # more on topic than the off-topic one
+        assert np.isfinite(ev.fluency).all()
+    broken = evaluation.judge([prompt] * 2, ["You could read a novel.", "novel novel the the read read of of"],
+                              ["librarian"] * 2)
+    assert broken.fluency[0] > broken.fluency[1]
+
+
+@pytest.mark.slow
+def test_candidate_generation_resumes_where_it_stopped(tmp_path):
+    """Shards are written one at a time (temp file + rename); a second run skips finished shards."""
+    generate = _script("generate_candidates")
+    shared = ROOT.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} not present")
+    common = ["--out", str(tmp_path), "--num_turns", "4", "--turns_per_shard", "2", "--num_samples", "2",
+              "--max_new_tokens", "4", "--shared_data", str(shared)]
+    assert generate.main(common + ["--max_shards", "1"]) == 0
+    first = tmp_path / "shard-00000.parquet"
+    assert first.exists() and not (tmp_path / "shard-00001.parquet").exists()
+    stamp = os.stat(first).st_mtime_ns
+    assert generate.main(common) == 0
+    assert os.stat(first).st_mtime_ns == stamp  # not regenerated
+    import pandas as pd
+
+    second = pd.read_parquet(tmp_path / "shard-00001.parquet")
+    assert len(second) == 2 * 8 * 2  # 2 turns x 8 personas x 2 samples
+    assert not list(tmp_path.glob("*.tmp"))
+    turns = json.loads((tmp_path / "turns.json").read_text())["turns"]
+    assert [t["split"] for t in turns] == sorted((t["split"] for t in turns),
+                                                  key={"test": 0, "validation": 1, "train": 2}.get)
