@@ -47,6 +47,9 @@ class TraitArguments:
     essays_test_share: float = field(default=0.2, metadata={"help": "Share of essays held out for accuracy."})
     max_rows_per_persona: Optional[int] = field(default=None, metadata={"help": "Cap train rows per persona."})
     max_length: int = field(default=128, metadata={"help": "Token limit per text."})
+    train_encoder: bool = field(default=True, metadata={
+        "help": "False: keep MiniLM frozen, embed every text once and fit the heads only (what ships in "
+                "personaweave/data/traits/, written to <output_dir>/heads); uses learning_rate and num_train_epochs."})
 
 
 def essay_rows(path: Optional[str], test_share: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -85,6 +88,35 @@ def predict(model, tokenizer, texts, batch_size=64) -> np.ndarray:
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def embed(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out.append(model.pool(enc["input_ids"], enc["attention_mask"]))
+    return torch.cat(out)
+
+
+def fit_heads(model, tokenizer, rows: list[dict], args: TraitArguments, training_args: TrainingArguments) -> None:
+    """The trait head on frozen mean-pooled embeddings: full-batch AdamW, the model's masked MSE."""
+    torch.manual_seed(training_args.seed)
+    x = embed(model, tokenizer, [r["text"] for r in rows], args.max_length)
+    y = torch.tensor([r["labels"] for r in rows], dtype=torch.float32)
+    known = torch.isfinite(y)
+    head = model.trait_head
+    optimizer = torch.optim.AdamW(head.parameters(), lr=training_args.learning_rate,
+                                  weight_decay=training_args.weight_decay)
+    steps = int(training_args.num_train_epochs)
+    for step in range(steps):
+        loss = ((torch.sigmoid(head(x)) - y.nan_to_num()) ** 2)[known].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(1, training_args.logging_steps) == 0 or step == steps - 1:
+            print(f"step {step}: masked MSE {float(loss):.4f}")
+
+
 def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
     from datasets import Dataset
 
@@ -93,6 +125,8 @@ def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
     data = load_persona_dialogues(data_dir=args.dataset_dir)
     essays_train, essays_test = essay_rows(args.essays_csv, args.essays_test_share, training_args.seed)
     train_rows = dialogue_rows(data["train"], args.max_rows_per_persona) + essays_train
+    if not args.train_encoder:
+        return heads_only(model, tokenizer, data, train_rows, essays_test, args, training_args)
 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
@@ -105,7 +139,33 @@ def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model.eval()
+    report = evaluate(model, tokenizer, data, essays_test)
+    final = os.path.join(training_args.output_dir, "final")
+    if training_args.process_index == 0:
+        save_folder_atomically(model, tokenizer, final)
+        with open(os.path.join(final, "eval.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+    print(json.dumps(report, indent=1))
+    return report
 
+
+def heads_only(model, tokenizer, data, train_rows, essays_test, args, training_args) -> dict:
+    from personaweave.traits.pretrained import save_trait_heads
+
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    fit_heads(model, tokenizer, train_rows, args, training_args)
+    report = evaluate(model, tokenizer, data, essays_test)
+    train_traits = np.array([r["labels"] for r in dialogue_rows(data["train"], args.max_rows_per_persona)])
+    report["dialogue_test_constant_baseline_mae"] = round(float(np.abs(
+        np.asarray(data["test"]["traits"]) - train_traits.mean(0)).mean()), 4)
+    save_trait_heads(model, os.path.join(training_args.output_dir, "heads"), report)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def evaluate(model, tokenizer, data, essays_test) -> dict:
     metric = load_trait_metrics()
     test = data["test"]
     report = {"dialogue_test": metric.compute(predictions=predict(model, tokenizer, list(test["response"])),
@@ -121,12 +181,6 @@ def main(args: TraitArguments, training_args: TrainingArguments) -> dict:
                     "published": PUBLISHED[trait]}
             for trait in ESSAY_COLUMNS.values()}
         report["essays_test_size"] = len(essays_test)
-    final = os.path.join(training_args.output_dir, "final")
-    if training_args.process_index == 0:
-        save_folder_atomically(model, tokenizer, final)
-        with open(os.path.join(final, "eval.json"), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-    print(json.dumps(report, indent=1))
     return report
 
 

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python recipes/traits.py --config recipes/configs/traits.yaml
+# the shipped heads (frozen MiniLM, ~1 minute on 1 core): cp outputs/traits_heads/heads/* personaweave/data/traits/
+python recipes/traits.py --config recipes/configs/traits_heads.yaml
 python recipes/distill_traits.py --config recipes/configs/distill_traits.yaml
 python benchmarks/traits.py | tee outputs/traits_benchmark.jsonl
 accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/maml.py --config recipes/configs/maml.yaml

@@ -29,8 +29,11 @@ RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.py"))
 
 
 def recipe_of(config: Path) -> str:
-    """recipes/configs/X.yaml configures recipes/X.py; sft_*.yaml configure recipes/sft.py."""
-    return "sft" if config.stem.startswith("sft_") else config.stem
+    """recipes/configs/X.yaml configures recipes/X.py; X_variant.yaml too (sft_persona.yaml -> sft.py)."""
+    if config.stem in RECIPE_NAMES:
+        return config.stem
+    prefixes = [name for name in RECIPE_NAMES if config.stem.startswith(name + "_")]
+    return max(prefixes, key=len) if prefixes else config.stem
 
 
 def test_every_recipe_has_a_config_and_every_config_a_recipe():
