@@ -41,6 +41,21 @@ def load_persona_dialogues(split: Optional[str] = None, data_dir: Optional[str] 
     return data[split] if split else data
 
 
+def load_persona_preferences(split: Optional[str] = None, data_dir: Optional[str] = None):
+    """The best-of-N preference pairs of the v2 dataset (`preferences_<split>.parquet`: persona,
+    prompt, chosen, rejected and their selection scores): a `DatasetDict`, or one split."""
+    from datasets import load_dataset
+
+    if data_dir is None:
+        raise ValueError("Pass data_dir: the folder written by datasets_scripts/build_persona_dialogues_v2.py.")
+    files = {s: os.path.join(data_dir, f"preferences_{s}.parquet") for s in SPLITS}
+    files = {s: f for s, f in files.items() if os.path.isfile(f) and os.path.getsize(f) > 0}
+    if split is not None and split not in files:
+        raise FileNotFoundError(f"No preference pairs for split {split!r} in {data_dir}.")
+    data = load_dataset("parquet", data_files=files)
+    return data[split] if split else data
+
+
 def persona_preference_pairs(dataset, seed: int = 0, description_in_prompt: bool = True):
     """Preference pairs for reward modelling, in TRL's conversational preference format.
 

@@ -1,0 +1,69 @@
+"""DPO on best-of-N preference pairs (recipes/dpo.py): a smoke run on a tiny random model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("dpo_recipe", ROOT / "recipes" / "dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dpo_recipe"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pair_logp(model, tokenizer, row, k):
+    from personaweave.chat import chat
+
+    prompt = tokenizer.apply_chat_template(chat(row["persona"], row["prompt"], num_persona_tokens=k),
+                                           add_generation_prompt=True, tokenize=True)
+    out = {}
+    for key in ("chosen", "rejected"):
+        reply = tokenizer(row[key], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([list(prompt) + reply])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        out[key] = float(logp.gather(-1, torch.tensor(reply)[:, None]).sum())
+    return out["chosen"] - out["rejected"]
+
+
+@pytest.mark.slow
+def test_dpo_smoke_moves_the_policy_towards_chosen(tmp_path):
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import master_only, set_sub_personality
+    from personaweave.zoo import load_default_personas
+
+    rows = []
+    for p in load_default_personas()[:4]:
+        for prompt in ("what should i read today", "hello how are you"):
+            rows.append({"persona": p.name, "prompt": prompt, "chosen": p.examples[0].lower(),
+                         "rejected": "ok fine whatever", "chosen_score": 0.8, "rejected_score": 0.1})
+    for split in ("train", "validation"):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+    recipe = _recipe()
+    script_args, training_args = recipe.make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "configs" / "dpo_smoke.yaml"), "--preferences_dir", str(tmp_path),
+         "--output_dir", str(tmp_path / "run"), "--max_steps", "6"])
+    final = recipe.main(script_args, training_args)
+    from personaweave.models import PersonaWeaveForCausalLM
+
+    _, info = PersonaWeaveForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the master is saved without LoRA layers
+    model, tokenizer, peft = load_model(final)
+    assert peft is not None
+    set_sub_personality(peft, "dpo")
+    k = model.config.num_persona_tokens
+    with torch.no_grad():
+        after = [_pair_logp(peft, tokenizer, r, k) for r in rows]
+        with master_only(peft):
+            before = [_pair_logp(peft, tokenizer, r, k) for r in rows]
+    # DPO's objective: the chosen reply gains log-probability relative to the rejected one, vs the reference
+    assert sum(a - b for a, b in zip(after, before)) / len(rows) > 0.0
