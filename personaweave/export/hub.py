@@ -48,6 +48,22 @@ def evaluation_markdown(results: dict[str, Any]) -> str:
     return text
 
 
+def hub_base_model(name_or_path: str) -> str:
+    """The Hub id to record as a card's `base_model`: the shipped SmolLM2 (loaded from a local converted
+    copy whose folder name starts with the zoo name) is SMOLLM2_HUB_ID; another local path is no Hub id ("")."""
+    import re
+
+    from personaweave.zoo import SMOLLM2, SMOLLM2_HUB_ID
+
+    if not name_or_path:
+        return ""
+    if os.path.basename(os.path.normpath(name_or_path)).startswith(SMOLLM2):
+        return SMOLLM2_HUB_ID
+    if os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
+        return ""
+    return name_or_path
+
+
 def model_card(model: Any, repo_id: str = "personaweave-model", base_model: Optional[str] = None,
                training: str = "", evaluation: str = "", sub_personalities: Optional[list[str]] = None,
                license: str = "apache-2.0", results: Optional[dict[str, Any]] = None):
@@ -58,11 +74,13 @@ def model_card(model: Any, repo_id: str = "personaweave-model", base_model: Opti
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = base_model or getattr(model.config.text_config, "_name_or_path", "") or "unknown base"
+    hub_id = hub_base_model(base_model)  # never a local (cache) path in a public card
+    base_model = hub_id or os.path.basename(os.path.normpath(base_model))
     personas = [{"name": p["name"], "description": p.get("description") or ""} for p in model.config.personas]
     data = ModelCardData(
         language="en", license=license, library_name="transformers", pipeline_tag="text-generation",
         tags=["personaweave", "persona", "dialogue", "custom_code"] + (["peft", "lora"] if sub_personalities else []),
-        base_model=base_model if "/" in base_model else None, datasets=[DATASET_ID],
+        base_model=hub_id or None, datasets=[DATASET_ID],
         eval_results=eval_results(results) if results else None,
         model_name=repo_id.split("/")[-1] if results else None,
     )

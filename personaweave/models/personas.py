@@ -96,6 +96,9 @@ def check_traits(traits: Optional[Mapping[str, float]]) -> Optional[dict[str, fl
 def normalise_blend(weights: Mapping[str, float], known: Iterable[str]) -> dict[str, float]:
     """Check blend weights against the known persona names and scale them to sum to 1."""
     known = list(known)
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"A blend is a dict of persona name -> weight, e.g. {{'pirate': 0.5, 'butler': 0.5}}, "
+                         f"not a {type(weights).__name__} ({weights!r:.80}).")
     if not weights:
         raise ValueError("A blend needs at least one persona weight.")
     for name, weight in weights.items():

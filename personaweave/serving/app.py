@@ -247,7 +247,8 @@ def create_app(service: PersonaService) -> FastAPI:
         bank = service.model.personas
         data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "personaweave",
                  "description": p.description} for p in bank]
-        extra = ["auto"] + (["ab"] if service.experiment is not None else [])
+        # `auto` only where the adaptation engine runs (otherwise it answers 400), `ab` only with an experiment.
+        extra = (["auto"] if service.adapter is not None else []) + (["ab"] if service.experiment is not None else [])
         return {"object": "list", "data": data + [{"id": name, "object": "model", "created": 0,
                                                    "owned_by": "personaweave"} for name in extra]}
 
