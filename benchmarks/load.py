@@ -5,7 +5,12 @@ server runs as a subprocess (the real CLI, the shipped model, SQLite WAL, long-t
 once with dynamic batching and once without; reported per run: p50/p95 latency, requests/s,
 completion tokens/s, error count. The last line compares the two runs (ratios, same machine).
 
-    python benchmarks/load.py [--users 16] [--seconds 60] [--max_new_tokens 32]
+With `--malformed_every 10`, every 10th request of each user is malformed (a lone surrogate, a
+tiny temperature, a NaN blend weight, n=3, a prompt over the context window, in turn): those must
+get a 4xx, and the good requests must not fail. `--api_key` runs the server with a key.
+
+    python benchmarks/load.py [--users 16] [--seconds 60] [--max_new_tokens 32] [--malformed_every 10]
+                              [--only batching|no-batching] [--api_key KEY]
 """
 
 from __future__ import annotations
@@ -31,9 +36,43 @@ TURNS = ["Hi! How are you today?", "What should I cook tonight?", "Tell me about
          "Thanks, that was nice."]
 
 
-async def user_loop(client, user: int, stop_at: float, latencies: list, tokens: list, errors: list) -> None:
+MALFORMED = [
+    ('{"model": "%s", "user": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "surrogate"),
+    ('{"model": "%s", "user": "%s", "temperature": 1e-40, "messages": [{"role": "user", "content": "hi"}]}',
+     "tiny temperature"),
+    ('{"model": "blend:%s=nan", "user": "%s", "messages": [{"role": "user", "content": "hi"}]}', "nan blend"),
+    ('{"model": "%s", "user": "%s", "n": 3, "messages": [{"role": "user", "content": "hi"}]}', "n=3"),
+    (None, "over the window"),  # 24 long client-side messages (no user): more tokens than the window
+]
+
+
+def over_the_window(persona: str) -> str:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "Why is that so? " * 240} for i in range(24)]
+    return json.dumps({"model": persona, "messages": turns + [{"role": "user", "content": "And then?"}]})
+
+
+async def malformed(client, user: int, turn: int, bad: dict) -> None:
+    raw, kind = MALFORMED[turn % len(MALFORMED)]
+    persona = PERSONAS[user % len(PERSONAS)]
+    payload = over_the_window(persona) if raw is None else raw % (persona, f"load-{user}")
+    response = await client.post("/v1/chat/completions", content=payload.encode(),
+                                 headers={"content-type": "application/json"})
+    bad["sent"] = bad.get("sent", 0) + 1
+    if not 400 <= response.status_code < 500:
+        bad.setdefault("unexpected", []).append(f"{kind}: {response.status_code}")
+
+
+async def user_loop(client, user: int, stop_at: float, latencies: list, tokens: list, errors: list,
+                    malformed_every: int = 0, bad: dict | None = None) -> None:
     turn = 0
     while time.monotonic() < stop_at:
+        if malformed_every and turn % malformed_every == malformed_every - 1:
+            try:
+                await malformed(client, user, turn // malformed_every, bad)
+            except Exception as err:
+                bad.setdefault("unexpected", []).append(type(err).__name__)
+            turn += 1
+            continue
         body = {"model": PERSONAS[user % len(PERSONAS)], "user": f"load-{user}",
                 "messages": [{"role": "user", "content": TURNS[turn % len(TURNS)]}]}
         start = time.perf_counter()
@@ -49,27 +88,33 @@ async def user_loop(client, user: int, stop_at: float, latencies: list, tokens: 
         turn += 1
 
 
-async def run_load(url: str, users: int, seconds: float) -> dict:
+async def run_load(url: str, users: int, seconds: float, malformed_every: int = 0, api_key: str | None = None
+                   ) -> dict:
     import httpx
 
-    latencies, tokens, errors = [], [], []
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    latencies, tokens, errors, bad = [], [], [], {}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as client:
         start = time.monotonic()
-        await asyncio.gather(*[user_loop(client, u, start + seconds, latencies, tokens, errors)
+        await asyncio.gather(*[user_loop(client, u, start + seconds, latencies, tokens, errors, malformed_every, bad)
                                for u in range(users)])
         elapsed = time.monotonic() - start
     lat = np.asarray(latencies)
-    return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
+    extra = {"malformed_sent": bad.get("sent", 0), "malformed_not_4xx": bad.get("unexpected", [])[:10]} \
+        if malformed_every else {}
+    return {**extra, "requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
             "seconds": round(elapsed, 1), "p50_s": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
             "p95_s": round(float(np.percentile(lat, 95)), 2) if len(lat) else None,
             "requests_per_s": round(len(latencies) / elapsed, 2),
             "completion_tokens_per_s": round(sum(tokens) / elapsed, 1)}
 
 
-def start_server(port: int, db: str, batching: bool, max_new_tokens: int, model: str | None) -> subprocess.Popen:
+def start_server(port: int, db: str, batching: bool, max_new_tokens: int, model: str | None,
+                 api_key: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "personaweave.cli", "serve", "--port", str(port), "--db", db,
            "--max-new-tokens", str(max_new_tokens)] + ([] if batching else ["--no-batching"])
     cmd += ["--model", model] if model else []
+    cmd += ["--api-key", api_key] if api_key else []
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,7 +126,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -95,23 +140,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--model", help="model folder (default: the shipped checkpoint)")
+    parser.add_argument("--malformed_every", type=int, default=0, help="every Nth request is malformed (0: none)")
+    parser.add_argument("--only", choices=["batching", "no-batching"], help="run one configuration only")
+    parser.add_argument("--api_key", help="start the server with this API key and send it")
     args = parser.parse_args()
     results = {}
+    configs = {"batching": (True,), "no-batching": (False,), None: (False, True)}[args.only]
     with tempfile.TemporaryDirectory() as tmp:
-        for batching in (False, True):
+        for batching in configs:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = start_server(port, f"sqlite:///{tmp}/{batching}.db", batching, args.max_new_tokens, args.model)
+            proc = start_server(port, f"sqlite:///{tmp}/{batching}.db", batching, args.max_new_tokens, args.model,
+                                args.api_key)
             try:
                 wait_ready(url, proc)
-                asyncio.run(run_load(url, 2, 3))  # warm-up
-                results[batching] = run_load_result = asyncio.run(run_load(url, args.users, args.seconds))
+                asyncio.run(run_load(url, 2, 3, api_key=args.api_key))  # warm-up
+                results[batching] = run_load_result = asyncio.run(run_load(
+                    url, args.users, args.seconds, args.malformed_every, args.api_key))
                 print(json.dumps({"name": "service_load", "batching": batching, "users": args.users,
-                                  "max_new_tokens": args.max_new_tokens, **run_load_result}), flush=True)
+                                  "max_new_tokens": args.max_new_tokens, "malformed_every": args.malformed_every,
+                                  **run_load_result}), flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    if results[False]["requests"] and results[True]["requests"]:
+    if len(results) == 2 and results[False]["requests"] and results[True]["requests"]:
         print(json.dumps({"name": "service_load_batching_ratio",
                           "requests_per_s": round(results[True]["requests_per_s"] / results[False]["requests_per_s"], 2),
                           "p50_latency": round(results[True]["p50_s"] / results[False]["p50_s"], 2)}))

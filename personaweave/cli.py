@@ -231,12 +231,44 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key (repeatable), --api-key-file (one per line, # comments) and the
+    PERSONAWEAVE_API_KEYS environment variable (comma-separated)."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as handle:
+            keys += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    keys += [k.strip() for k in os.environ.get("PERSONAWEAVE_API_KEYS", "").split(",") if k.strip()]
+    return list(dict.fromkeys(keys))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from personaweave.serving import PersonaService, Storage, create_app
     from personaweave.serving.memory import Memory
 
+    keys = _api_keys(args)
+    if not keys and not _is_loopback(args.host):
+        raise SystemExit(f"error: refusing to serve on {args.host} without API keys: anyone who can reach it could "
+                         "read and delete every user's data. Give --api-key / --api-key-file / PERSONAWEAVE_API_KEYS, "
+                         "or use a loopback --host (127.0.0.1).")
+    if any(len(k) < 16 for k in keys):
+        print("warning: an API key is shorter than 16 characters; use long random keys", file=sys.stderr)
+    print(f"personaweave serve: http://{args.host}:{args.port} - " + (
+        f"{len(keys)} API key(s), each its own tenant" if keys else
+        "no API keys: loopback only, without authentication"), file=sys.stderr, flush=True)
     model, tokenizer = _load(args)
     adapter = None
     if args.adaptive:
@@ -245,12 +277,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         adapter = TraitAdaptationEngine(model, tokenizer, policy=load_policy(args.policy) if args.policy else None)
     experiment = _parse_weights(args.ab_test) if args.ab_test else None
-    service = PersonaService(model, tokenizer, Storage(args.db), memory=None if args.no_memory else Memory(),
+    service = PersonaService(model, tokenizer, Storage(args.db, synchronous=args.sqlite_synchronous),
+                             memory=None if args.no_memory else Memory(),
                              adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching,
-                             experiment=experiment, experiment_name=args.ab_name)
+                             experiment=experiment, experiment_name=args.ab_name, pool_size=args.pool_size,
+                             max_queue=args.max_queue, max_streams=args.max_streams,
+                             request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens)
     _say_when_listening(args.host, args.port, model.config.persona_names + (["auto"] if adapter else [])
                         + (["ab"] if experiment else []))
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(service, api_keys=keys), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=5)
     return 0
 
 
@@ -369,6 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="an accepted API key (repeatable; each key is its own tenant of users). Also "
+                        "--api-key-file and the PERSONAWEAVE_API_KEYS variable (comma-separated). Without any "
+                        "key the server only binds a loopback --host.")
+    p.add_argument("--api-key-file", help="a file of API keys, one per line")
+    p.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
+                   help="FULL (default): a commit survives a power loss; NORMAL: a killed process only, faster")
+    p.add_argument("--pool-size", type=int, default=32, help="bank slots for blends and adaptive users (LRU)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; 503 beyond")
+    p.add_argument("--max-streams", type=int, default=8, help="concurrent streaming requests; 503 beyond")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 504")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="prompt + max_tokens limit (default: the model's context window)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("discover", help="cluster a persona dialogue dataset into latent personas")

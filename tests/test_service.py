@@ -40,7 +40,7 @@ def body(**kw):
 
 def test_chat_models_and_user_state(client, service):
     models = client.get("/v1/models").json()
-    assert {m["id"] for m in models["data"]} >= {"pirate", "robot", "auto"}
+    assert {m["id"] for m in models["data"]} >= {"pirate", "robot"}
     for _ in range(2):
         reply = client.post("/v1/chat/completions", json=body(user="u1"))
         assert reply.status_code == 200, reply.text
@@ -107,8 +107,8 @@ def test_memory_brings_back_relevant_turns(service):
     from personaweave.serving.app import ChatRequest
 
     request = ChatRequest(**body(user="m", messages=[{"role": "user", "content": "coffee tea please"}]))
-    conversation, _ = service.conversation("pirate", request)
-    assert "coffee tea please" in conversation[0]["content"] and len(conversation) == 2
+    conversation, _, prompt_tokens = service.conversation("pirate", request, "m")
+    assert "coffee tea please" in conversation[0]["content"] and len(conversation) == 2 and prompt_tokens > 0
 
 
 def free_port() -> int:
@@ -241,9 +241,12 @@ def test_adaptive_traits_persist_and_feedback_reaches_the_policy(tmp_path, hash_
     restarted = make()
     assert restarted.adapter.states["ann"][5] == pytest.approx(0.7, abs=1e-3)
     restarted_client = TestClient(create_app(restarted))
-    assert "user-ann" in model.config.persona_names
+    assert restarted_client.post("/v1/chat/completions", json=body(model="auto", user="ann")).status_code == 200
+    slot = restarted.pool.entries["user:ann"][0]  # the user's persona lives in the bounded pool
+    assert slot in model.config.persona_names
     assert restarted_client.delete("/v1/users/ann").status_code == 200
-    assert "ann" not in restarted.adapter.states and "user-ann" not in model.config.persona_names
+    assert "ann" not in restarted.adapter.states and slot not in model.config.persona_names
+    assert "user:ann" not in restarted.pool.entries
 
 
 def test_max_tokens_and_temperature_are_honoured(client, service):

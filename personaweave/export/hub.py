@@ -105,7 +105,9 @@ def prepare_upload(model_dir: str, out_dir: str, repo_id: str, onnx_dir: Optiona
 
     read_model_config(model_dir)
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+        if not os.path.isdir(out_dir) or os.listdir(out_dir):  # never delete what the user already has there
+            raise ValueError(f"{out_dir} already exists and is not an empty folder: give a new or empty folder.")
+        os.rmdir(out_dir)
     shutil.copytree(model_dir, out_dir, ignore=shutil.ignore_patterns("checkpoint-*", "runs", ".*"))
     if onnx_dir:
         shutil.copytree(onnx_dir, os.path.join(out_dir, "onnx"))

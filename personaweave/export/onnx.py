@@ -167,11 +167,15 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
         else:
             from transformers import AutoConfig
 
-            onnx_config = _onnx_config_class()(
-                AutoConfig.from_pretrained(model_dir, trust_remote_code=True), task="text-generation",
-                use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
-            main_export(model_dir, tmp, task=task, library_name="transformers", trust_remote_code=True,
-                        custom_onnx_configs={"model": onnx_config}, opset=opset)
+            with tempfile.TemporaryDirectory() as src:
+                # Optimum needs remote code, but never the folder's own *.py (code the user did not opt
+                # into): load with the installed classes and re-save, which writes our sources.
+                _resave_with_installed_code(model_dir, src)
+                onnx_config = _onnx_config_class()(
+                    AutoConfig.from_pretrained(src, trust_remote_code=True), task="text-generation",
+                    use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
+                main_export(src, tmp, task=task, library_name="transformers", trust_remote_code=True,
+                            custom_onnx_configs={"model": onnx_config}, opset=opset)
             _write_plain_config(tmp, config)
         if quantize == "int8":
             quantize_onnx_int8(tmp, per_channel=per_channel)
@@ -181,6 +185,17 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def _resave_with_installed_code(model_dir: str, out: str) -> None:
+    """The model folder re-saved by the installed personaweave classes (weights, config, tokenizer and
+    *our* remote-code files); nothing from `model_dir` is executed."""
+    from transformers import AutoTokenizer
+
+    from personaweave.models import PersonaWeaveForCausalLM
+
+    PersonaWeaveForCausalLM.from_pretrained(model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False).save_pretrained(out)
 
 
 def _write_plain_config(folder: str, config: dict[str, Any]) -> None:

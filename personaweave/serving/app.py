@@ -4,18 +4,36 @@ POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0
                            "auto" (the adaptation engine picks the blend) or "ab" (the persona A/B
                            experiment assigns a variant); `user` = the user id
 GET  /v1/models            the personas
-GET/DELETE /v1/users/{id}  a user's state and turns
+GET/DELETE /v1/users/{id}  a user's state and turns (ids may contain "/")
 POST /v1/feedback          thumbs up/down and blocking on the user's last reply: kept in the user's
                            state; if that reply came from `auto`, the adaptation engine sees it as
                            the next turn's negative-feedback signal; if from `ab`, it is a rating of
                            the user's variant (up = 1, down = 0)
 GET  /v1/experiments/{name} the A/B experiment (default name "persona-ab"): users, ratings, per-user
                            mean rating per variant, Welch's t on them, P(B > A)
+GET  /health               liveness, without authentication
+GET  /metrics              Prometheus text: queue depth, requests, tokens, latency histogram, pool
+
+Security: with API keys configured (`create_app(service, api_keys=[...])`), every route but
+/health needs `Authorization: Bearer KEY` (401 otherwise), and each key is a tenant: user ids are
+namespaced by a hash of the key in the database, memory, adaptation and A/B state, so one key
+never reads, changes or deletes another key's users. Without keys the CLI binds loopback only.
+
+Limits: a request is checked before it reaches the model (valid Unicode, finite numbers,
+temperature 0 or in [0.01, 2], top_p in (0, 1], max_tokens 1-512, n = 1, at most 64 messages);
+the prompt is counted in tokens after the chat template: stored history is dropped oldest first
+to fit `window - max_tokens`, and when the request alone does not fit the answer is 400 with the
+numbers. At most `max_queue` requests wait for the model (503 + Retry-After beyond that); a
+request waits at most `request_timeout` seconds (504). A failed batch is retried request by
+request, so one bad request fails only itself; a stream always ends (an SSE error event, then
+[DONE]). Blends and per-user adaptive personas live in a fixed pool of `pool_size` bank slots
+(least recently used evicted), so the bank, the tokenizer and the embedding matrix stay bounded.
 
 Per-user state in the database: persona, turn count, last model spec, the adaptive trait state,
 the A/B assignment and ratings, feedback counts. The adaptive trait states and A/B ratings are
 rebuilt from it when the server restarts (one server process per database: these also live in
-its memory). DELETE /v1/users/{id} forgets the user everywhere, memory included.
+its memory; corrupt rows are logged and skipped). DELETE /v1/users/{id} forgets the user
+everywhere, memory included.
 
 A reply is acknowledged only after the user's turn, the reply and the new state are committed
 in one transaction; one user's requests are serialised so no turn is lost.
@@ -24,55 +42,240 @@ in one transaction; one user's requests are serialised so no turn is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import hashlib
+import hmac
 import json
 import logging
+import math
+import queue
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
 
 from personaweave.chat import chat
 from personaweave.models.personas import blend_name, parse_blend
 from personaweave.serving.adaptation.abtest import UserExperiment
-from personaweave.serving.batching import DynamicBatcher
+from personaweave.serving.batching import DynamicBatcher, QueueFull
 from personaweave.serving.memory import Memory
 from personaweave.serving.storage import Storage
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
+MAX_MESSAGES = 64
+MAX_USER_ID = 128
 REPETITION_PENALTY = 1.2
+DEFAULT_TOP_P = 0.9
 EXPERIMENT = "persona-ab"
+POOL_PREFIX = "pool-"
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _text(value: Optional[str]) -> Optional[str]:
+    """Text must be encodable (a lone surrogate such as "\\ud800" is not)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    _content = field_validator("content")(_text)
+
 
 class ChatRequest(BaseModel):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    user: Optional[str] = Field(default=None, max_length=128)
+    model: str = Field(max_length=512)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    user: Optional[str] = Field(default=None, min_length=1, max_length=MAX_USER_ID)
     stream: bool = False
     max_tokens: Optional[int] = Field(default=None, ge=1, le=512)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    n: Optional[int] = Field(default=None, ge=1, le=128)
+
+    _texts = field_validator("model", "user")(_text)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and 0 < value < 0.01:
+            raise ValueError("temperature must be 0 (greedy) or between 0.01 and 2")
+        return value
 
 
 class Feedback(BaseModel):
-    user: str = Field(min_length=1, max_length=128)
+    user: str = Field(min_length=1, max_length=MAX_USER_ID)
     rating: Optional[Literal["up", "down"]] = None
     blocked: bool = False
 
+    _user = field_validator("user")(_text)
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=dict(headers or {}),
+                        content={"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+def tenant_of(key: str) -> str:
+    """The namespace of an API key: a hash (the key itself is never stored)."""
+    return "k" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class UserLocks:
+    """One asyncio lock per user, held only while someone uses it (no unbounded dict)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user: Optional[str]):
+        if not user:
+            yield
+            return
+        lock, users = self._locks.get(user, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[user] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[user]
+            if users <= 1:
+                del self._locks[user]
+            else:
+                self._locks[user] = (lock, users - 1)
+
+
+class PoolExhausted(Exception):
+    pass
+
+
+class PersonaPool:
+    """Dynamic personas (blends, per-user adaptive states) in at most `size` bank slots.
+
+    Slots are named `pool-0`..`pool-{size-1}`; their reserved tokens are added to the tokenizer
+    once, so neither the tokenizer nor the embedding matrix grows with the number of blends or
+    users. A slot in use by a request is pinned; the least recently used unpinned slot is
+    evicted (`remove_persona`) when a new persona needs room. Bank edits need the caller to hold
+    the model lock (generation reads the bank)."""
+
+    def __init__(self, model: Any, tokenizer: Any, size: int) -> None:
+        if size < 1:
+            raise ValueError("The persona pool needs at least one slot.")
+        self.model, self.tokenizer, self.size = model, tokenizer, size
+        self.slots = [f"{POOL_PREFIX}{i}" for i in range(size)]
+        self.entries: OrderedDict[str, tuple[str, dict[str, float]]] = OrderedDict()  # key -> (slot, blend)
+        self.pins: Counter = Counter()
+        self.evictions = 0
+        self._lock = threading.Lock()
+        static = [n for n in model.config.persona_names if not n.startswith(POOL_PREFIX)]
+        if not static:
+            raise ValueError("The model has no persona to blend from.")
+        for slot in self.slots:  # reserve every slot's tokens (and embedding rows) now, once
+            if slot in model.config.persona_names:
+                model.remove_persona(slot)
+            model.add_persona(slot, blend={static[0]: 1.0}, tokenizer=tokenizer)
+            model.remove_persona(slot)
+
+    def is_slot(self, name: str) -> bool:
+        return name in self.slots
+
+    def lookup(self, key: str) -> Optional[str]:
+        """The pinned slot of `key` when it is in the pool (no bank edit: no model lock needed)."""
+        with self._lock:
+            if key not in self.entries:
+                return None
+            slot = self.entries[key][0]
+            self.entries.move_to_end(key)
+            self.pins[slot] += 1
+            return slot
+
+    def acquire(self, key: str, blend: Mapping[str, float], replace: bool = False) -> str:
+        """Pin and return the slot holding `key`'s persona, adding it (evicting the least recently
+        used unpinned slot if the pool is full). With `replace`, the persona is rebuilt from
+        `blend` even when present (an adaptive user's new traits). Call with the model lock held."""
+        blend = dict(blend)
+        with self._lock:
+            if key in self.entries:
+                slot, old = self.entries[key]
+                self.entries.move_to_end(key)
+                if replace and old != blend:
+                    self.model.remove_persona(slot)
+                    self._add(slot, blend)
+                    self.entries[key] = (slot, blend)
+                self.pins[slot] += 1
+                return slot
+            used = {s for s, _ in self.entries.values()}
+            free = [s for s in self.slots if s not in used and not self.pins[s]]
+            if free:
+                slot = free[0]
+            else:
+                victim = next((k for k, (s, _) in self.entries.items() if not self.pins[s]), None)
+                if victim is None:
+                    raise PoolExhausted(f"all {self.size} persona pool slots are in use")
+                slot = self.entries.pop(victim)[0]
+                self.evictions += 1
+            if slot in self.model.config.persona_names:
+                self.model.remove_persona(slot)
+            self._add(slot, blend)
+            self.entries[key] = (slot, blend)
+            self.pins[slot] += 1
+            return slot
+
+    def _add(self, slot: str, blend: Mapping[str, float]) -> None:
+        self.model.add_persona(slot, blend=blend, tokenizer=self.tokenizer)
+
+    def release(self, slot: Optional[str]) -> None:
+        if slot is None or not self.is_slot(slot):
+            return
+        with self._lock:
+            self.pins[slot] -= 1
+            if self.pins[slot] <= 0:
+                del self.pins[slot]
+
+    def forget(self, key: str) -> None:
+        """Drop `key`'s persona. Call with the model lock held."""
+        with self._lock:
+            entry = self.entries.pop(key, None)
+            if entry is not None and not self.pins[entry[0]] and entry[0] in self.model.config.persona_names:
+                self.model.remove_persona(entry[0])
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.active_streams = 0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency[i] += 1
+                return
+        self.latency[-1] += 1
 
 
 class PersonaService:
@@ -81,19 +284,31 @@ class PersonaService:
     def __init__(self, model: Any, tokenizer: Any, storage: Storage, memory: Optional[Memory] = None,
                  adapter: Any = None, max_new_tokens: int = 64, batching: bool = True, max_batch: int = 8,
                  max_wait_ms: float = 10.0, history_turns: int = 6,
-                 experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT) -> None:
+                 experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
+                 pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
+                 max_prompt_tokens: Optional[int] = None) -> None:
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.memory, self.adapter = memory, adapter
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
-        self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms)
-        self.user_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms, max_queue)
+        self.user_locks = UserLocks()
         self.model_lock = threading.Lock()  # bank edits and generation do not interleave
+        self.max_streams, self.request_timeout = max_streams, request_timeout
+        # streams wait for tokens in their own threads: they never starve the default executor
+        self.stream_executor = ThreadPoolExecutor(max_workers=2 * max_streams, thread_name_prefix="personaweave-sse")
+        self.metrics = Metrics()
         self.experiment = None
         if experiment is not None:
             unknown = [v for v in experiment if v not in model.config.persona_names]
             if unknown:
                 raise ValueError(f"A/B variants {unknown} are not personas of the model.")
             self.experiment = UserExperiment(experiment_name, experiment)
+        self.pool = PersonaPool(model, tokenizer, pool_size)
+        text_config = getattr(model.config, "text_config", model.config)
+        self.window = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+        self.max_prompt_tokens = min(max_prompt_tokens or self.window, self.window)
+        # a private copy for counting prompt tokens while the model's tokenizer is busy generating
+        self.count_tokenizer, self._count_lock = copy.deepcopy(tokenizer), threading.Lock()
         self._resume()
 
     def _resume(self) -> None:
@@ -101,38 +316,39 @@ class PersonaService:
         if self.adapter is None and self.experiment is None:
             return
         for user, state in self.storage.iter_states():
-            if self.adapter is not None and state.get("traits") is not None:
-                try:
+            try:  # one bad row must not keep the server down
+                if self.adapter is not None and state.get("traits") is not None:
                     self.adapter.restore(user, state["traits"])
-                except ValueError as err:  # one bad row must not keep the server down
-                    logger.warning("ignoring the stored trait state of %s: %s", user, err)
-            if self.experiment is not None:
-                self.experiment.restore(user, state.get("ab"))
+                if self.experiment is not None and isinstance(state.get("ab"), Mapping):
+                    self.experiment.restore(user, state["ab"])
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                logger.warning("ignoring the stored state of %s: %s", user, err)
 
     def forget(self, user: str) -> None:
         """Drop what the process holds about a user (the database row is deleted by the caller)."""
-        if self.adapter is not None:
-            with self.model_lock:
+        with self.model_lock:
+            self.pool.forget("user:" + user)
+            if self.adapter is not None:
                 self.adapter.forget(user)
         if self.experiment is not None:
             self.experiment.forget(user)
 
     # -- persona resolution -----------------------------------------------------------------
-    def resolve(self, spec: str, user: Optional[str], message: str) -> str:
-        names = self.model.config.persona_names
+    def check_spec(self, spec: str, user: Optional[str]) -> Optional[dict[str, float]]:
+        """Reject a bad `model` before anything is generated or stored; the blend weights of a blend."""
+        names = [n for n in self.model.config.persona_names if not self.pool.is_slot(n)]
         if spec == "auto":
             if self.adapter is None:
                 raise HTTPException(400, "model 'auto' needs the adaptation engine, which this server was "
                                          "started without.")
-            with self.model_lock:
-                return self.adapter.step(user or "anonymous", message)
+            return None
         if spec == "ab":
             if self.experiment is None:
                 raise HTTPException(400, "model 'ab' needs an A/B experiment, which this server was started "
                                          "without (--ab-test).")
             if not user:
                 raise HTTPException(400, "model 'ab' needs a `user`: the assignment is per user.")
-            return self.experiment.assign(user)
+            return None
         if spec.startswith("blend:"):
             try:
                 weights = parse_blend(spec[len("blend:"):])
@@ -141,69 +357,124 @@ class PersonaService:
             unknown = [n for n in weights if n not in names]
             if unknown:
                 raise HTTPException(404, f"Unknown persona(s) {unknown}; available: {names}.")
+            if any(w < 0 for w in weights.values()):
+                raise HTTPException(400, "Blend weights must not be negative.")
             try:
-                name = blend_name(weights)
+                blend_name(weights)
             except ValueError as err:
                 raise HTTPException(400, str(err)) from None
-            with self.model_lock:
-                if name not in self.model.config.persona_names:
-                    try:
-                        self.model.add_persona(name, blend=weights, tokenizer=self.tokenizer)
-                    except (KeyError, ValueError) as err:
-                        raise HTTPException(400, str(err)) from None
-            return name
+            return weights
         if spec not in names:
             raise HTTPException(404, f"Unknown persona {spec!r}; available: {names}, 'auto' or 'blend:...'.")
-        return spec
+        return None
+
+    def acquire(self, spec: str, user: Optional[str], message: str, anonymous: str = "anonymous"
+                ) -> tuple[str, str, Optional[str]]:
+        """(persona name to report, bank name to prompt with, pinned pool slot or None). `auto`
+        without a user adapts the (tenant's) `anonymous` state."""
+        weights = self.check_spec(spec, user)
+        if spec == "ab":
+            name = self.experiment.assign(user)
+            return name, name, None
+        if spec == "auto" or weights is not None:
+            key = "user:" + (user or anonymous) if spec == "auto" else "blend:" + blend_name(weights)
+            slot = None if spec == "auto" else self.pool.lookup(key)
+            if slot is None:
+                try:
+                    with self.model_lock:
+                        if spec == "auto":
+                            weights = self.adapter.update(user or anonymous, message)
+                        slot = self.pool.acquire(key, weights, replace=spec == "auto")
+                except PoolExhausted as err:
+                    raise HTTPException(503, f"Busy: {err}; retry shortly.") from None
+                except (KeyError, ValueError) as err:
+                    raise HTTPException(400, str(err)) from None
+            return ("auto" if spec == "auto" else key[len("blend:"):]), slot, slot
+        return spec, spec, None
+
+    def release(self, slot: Optional[str]) -> None:
+        self.pool.release(slot)
 
     # -- generation --------------------------------------------------------------------------
-    def generation_kwargs(self, temperature: Optional[float] = None) -> dict[str, Any]:
+    def generation_kwargs(self, temperature: Optional[float] = None, top_p: Optional[float] = None
+                          ) -> dict[str, Any]:
         """Greedy unless a temperature > 0 is asked for; a repetition penalty either way (without
         it, a small model copies its own earlier replies in multi-turn chats)."""
         kwargs: dict[str, Any] = {"do_sample": False, "repetition_penalty": REPETITION_PENALTY}
         if temperature:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=0.9)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or DEFAULT_TOP_P)
         return kwargs
 
     def generate(self, conversations: list[list[dict[str, str]]], max_tokens: Optional[int] = None,
-                 temperature: Optional[float] = None) -> list[str]:
+                 temperature: Optional[float] = None, top_p: Optional[float] = None) -> list[str]:
         """Replies to chat-format conversations with the request's settings (one `generate` call)."""
         from personaweave.generation import generate_replies
 
         with self.model_lock:
             return generate_replies(self.model, self.tokenizer, conversations,
                                     max_new_tokens=max_tokens or self.max_new_tokens, batch_size=len(conversations),
-                                    **self.generation_kwargs(temperature)).texts
+                                    **self.generation_kwargs(temperature, top_p)).texts
 
-    def _generate_batch(self, items: list[tuple[list[dict[str, str]], Optional[int], Optional[float]]]
-                        ) -> list[tuple[str, int, int]]:
-        """The batcher's worker: requests with the same (max_tokens, temperature) share a call.
+    def _generate_batch(self, items: list[tuple]) -> list[tuple[str, int, int]]:
+        """The batcher's worker: requests with the same (max_tokens, temperature, top_p) share a call.
+        An item is (conversation, max_tokens, temperature[, top_p[, prompt tokens]]).
         Returns (reply, prompt tokens, completion tokens) per request."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_, max_tokens, temperature) in enumerate(items):
-            groups[(max_tokens or self.max_new_tokens, temperature or 0.0)].append(i)
+        items = [tuple(item) + (None,) * (5 - len(item)) for item in items]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, max_tokens, temperature, top_p, _) in enumerate(items):
+            key = (max_tokens or self.max_new_tokens, temperature or 0.0, top_p if temperature else None)
+            groups.setdefault(key, []).append(i)
         replies: list[tuple[str, int, int]] = [("", 0, 0)] * len(items)
-        for (max_tokens, temperature), members in groups.items():
-            texts = self.generate([items[i][0] for i in members], max_tokens, temperature)
-            with self.model_lock:  # the fast tokenizer must not be used from two threads at once
-                for i, text in zip(members, texts):
-                    prompt = self.tokenizer.apply_chat_template(items[i][0], add_generation_prompt=True)
-                    replies[i] = (text, len(prompt), len(self.tokenizer(text)["input_ids"]))
+        for (max_tokens, temperature, top_p), members in groups.items():
+            texts = self.generate([items[i][0] for i in members], max_tokens, temperature, top_p)
+            for i, text in zip(members, texts):
+                prompt = items[i][4] if items[i][4] is not None else self.count_prompt(items[i][0])
+                replies[i] = (text, prompt, self.count_tokens(text))
         return replies
 
-    def conversation(self, persona: str, request: ChatRequest) -> tuple[list[dict[str, str]], str]:
+    def count_prompt(self, conversation: list[dict[str, str]]) -> int:
+        with self._count_lock:
+            text = self.count_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            return len(self.count_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        with self._count_lock:
+            return len(self.count_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def conversation(self, persona: str, request: ChatRequest, user: Optional[str] = None
+                     ) -> tuple[list[dict[str, str]], str, int]:
+        """(chat messages, the user's message, prompt tokens). Stored history is dropped oldest
+        first until the prompt fits `max_prompt_tokens - max_tokens`; 400 when the request alone
+        does not fit."""
         last = request.messages[-1].content
-        if request.user:
+        if user:
             history = [{"role": t["role"], "content": t["content"]}
-                       for t in self.storage.history(request.user, limit=self.history_turns)]
+                       for t in self.storage.history(user, limit=self.history_turns)]
         else:
             history = [m.model_dump() for m in request.messages[:-1] if m.role != "system"]
         context = None
-        if self.memory is not None and request.user:
+        if self.memory is not None and user:
             recent = {t["content"] for t in history}
-            recalled = self.memory.recall(last, self.storage, request.user)
+            recalled = self.memory.recall(last, self.storage, user)
             context = Memory.as_context([m for m in recalled if m not in recent])
-        return chat(persona, last, history, model=self.model, context=context), last
+        budget = self.max_prompt_tokens - (request.max_tokens or self.max_new_tokens)
+        while True:
+            try:
+                conversation = chat(persona, last, history, model=self.model, context=context)
+            except KeyError as err:  # the persona left the bank in the meantime
+                raise HTTPException(503, f"Busy: {err}; retry shortly.") from None
+            tokens = self.count_prompt(conversation)
+            if tokens <= budget:
+                return conversation, last, tokens
+            if history and user:  # the server's own stored history: trim it
+                history = history[2:] if len(history) > 1 else []
+            elif context:
+                context = None
+            else:
+                raise HTTPException(400, f"The prompt is {tokens} tokens after the chat template and max_tokens is "
+                                         f"{request.max_tokens or self.max_new_tokens}: together more than the "
+                                         f"{self.max_prompt_tokens}-token context window. Send fewer or shorter "
+                                         "messages, or a smaller max_tokens.")
 
     def persist(self, user: Optional[str], persona: str, message: str, reply: str, spec: str = "") -> None:
         if not user:
@@ -217,6 +488,30 @@ class PersonaService:
             state["ab"] = self.experiment.state(user)
         self.storage.add_exchange(user, state, [("user", message, persona, vector), ("assistant", reply, persona, None)])
 
+    def prometheus(self) -> str:
+        m = self.metrics
+        lines = ["# TYPE personaweave_queue_depth gauge", f"personaweave_queue_depth {self.batcher.depth}",
+                 "# TYPE personaweave_active_streams gauge", f"personaweave_active_streams {m.active_streams}",
+                 "# TYPE personaweave_requests_total counter"]
+        lines += [f'personaweave_requests_total{{status="{s}"}} {n}' for s, n in sorted(m.requests.items())]
+        lines += ["# TYPE personaweave_prompt_tokens_total counter", f"personaweave_prompt_tokens_total {m.prompt_tokens}",
+                  "# TYPE personaweave_completion_tokens_total counter",
+                  f"personaweave_completion_tokens_total {m.completion_tokens}",
+                  "# TYPE personaweave_batch_failures_total counter",
+                  f"personaweave_batch_failures_total {self.batcher.failures}",
+                  "# TYPE personaweave_request_seconds histogram"]
+        total = 0
+        for bound, count in zip(LATENCY_BUCKETS + (math.inf,), m.latency):
+            total += count
+            lines.append(f'personaweave_request_seconds_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {total}')
+        lines += [f"personaweave_request_seconds_sum {m.latency_sum:.6f}", f"personaweave_request_seconds_count {total}",
+                  "# TYPE personaweave_bank_size gauge", f"personaweave_bank_size {len(self.model.config.personas)}",
+                  "# TYPE personaweave_pool_used gauge", f"personaweave_pool_used {len(self.pool.entries)}",
+                  "# TYPE personaweave_pool_evictions_total counter",
+                  f"personaweave_pool_evictions_total {self.pool.evictions}",
+                  "# TYPE personaweave_user_locks gauge", f"personaweave_user_locks {len(self.user_locks)}"]
+        return "\n".join(lines) + "\n"
+
 
 def _completion(persona: str, spec: str, reply: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {
@@ -228,13 +523,78 @@ def _completion(persona: str, spec: str, reply: str, prompt_tokens: int, complet
     }
 
 
-def create_app(service: PersonaService) -> FastAPI:
+class Gate:
+    """ASGI middleware: API keys (every path but /health), request metrics, and a last-resort
+    OpenAI-style JSON 500 for anything the routes did not handle."""
+
+    def __init__(self, app: Any, keys: Mapping[bytes, str], metrics: Metrics) -> None:
+        self.app, self.keys, self.metrics = app, dict(keys), metrics
+
+    def tenant(self, scope: Mapping[str, Any]) -> Optional[str]:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return None
+        digest = hashlib.sha256(token.strip()).digest()
+        found = None
+        for known, tenant in self.keys.items():  # no early exit: the time does not depend on the key
+            if hmac.compare_digest(digest, known):
+                found = tenant
+        return found
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.keys and scope["path"] != "/health":
+            tenant = self.tenant(scope)
+            if tenant is None:
+                self.metrics.requests["401"] += 1
+                response = _error(401, "Missing or invalid API key: send `Authorization: Bearer KEY`.",
+                                  "authentication_error", {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+            scope.setdefault("state", {})["tenant"] = tenant
+        started, start = [], time.perf_counter()
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                started.append(message["status"])
+                self.metrics.requests[str(message["status"])] += 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        except Exception as err:  # noqa: BLE001  (the last resort: always an OpenAI-style answer)
+            logger.exception("unhandled error on %s", scope.get("path"))
+            if not started:
+                await _error(500, f"Internal error ({type(err).__name__}); the request was not completed.",
+                             "server_error")(scope, receive, send_and_count)
+        finally:
+            if scope["path"].startswith("/v1/chat"):
+                self.metrics.observe(time.perf_counter() - start)
+
+
+def _scoped(request: Request, user: Optional[str]) -> Optional[str]:
+    """The stored id of the client's user: namespaced by the API key's tenant when keys are on."""
+    if not user:
+        return user
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None:
+        return user
+    scoped = f"{tenant}:{user}"
+    if len(scoped) > MAX_USER_ID:
+        raise HTTPException(400, f"With API keys, user ids are at most {MAX_USER_ID - len(tenant) - 1} characters.")
+    return scoped
+
+
+def create_app(service: PersonaService, api_keys: Iterable[str] = ()) -> FastAPI:
     app = FastAPI(title="personaweave", version="0.1.0")
     app.state.service = service
+    keys = {hashlib.sha256(k.encode()).digest(): tenant_of(k) for k in api_keys if k}
+    app.add_middleware(Gate, keys=keys, metrics=service.metrics)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, err: HTTPException):
-        return _error(err.status_code, str(err.detail))
+        return _error(err.status_code, str(err.detail), headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, err: RequestValidationError):
@@ -252,60 +612,74 @@ def create_app(service: PersonaService) -> FastAPI:
         return {"object": "list", "data": data + [{"id": name, "object": "model", "created": 0,
                                                    "owned_by": "personaweave"} for name in extra]}
 
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")
+
     @app.post("/v1/chat/completions")
-    async def completions(request: ChatRequest):
+    async def completions(request: ChatRequest, http: Request):
         last = request.messages[-1]
         if last.role != "user" or not last.content.strip():
             raise HTTPException(400, "The last message must be a non-empty user message.")
         if any(len(m.content) > MAX_MESSAGE_CHARS for m in request.messages):
             raise HTTPException(413, f"A message is longer than {MAX_MESSAGE_CHARS} characters.")
+        if (request.n or 1) > 1:
+            raise HTTPException(400, "n > 1 is not supported: this server returns one choice per request.")
+        user, anonymous = _scoped(http, request.user), _scoped(http, "anonymous")
+        service.check_spec(request.model, user)
         if request.stream:  # the stream holds the user's lock itself, while it runs
-            persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
-            return StreamingResponse(_stream(service, persona, request), media_type="text/event-stream")
-        lock = service.user_locks[request.user] if request.user else asyncio.Lock()
-        async with lock:
-            persona = await asyncio.to_thread(service.resolve, request.model, request.user, last.content)
-            conversation, message = await asyncio.to_thread(service.conversation, persona, request)
-            reply, prompt_tokens, completion_tokens = await service.batcher.submit(
-                (conversation, request.max_tokens, request.temperature))
-            await asyncio.to_thread(service.persist, request.user, persona, message, reply, request.model)
-        return _completion(persona, request.model, reply, prompt_tokens, completion_tokens)
+            if service.metrics.active_streams >= service.max_streams:
+                raise HTTPException(503, f"Busy: {service.max_streams} streams are running; retry shortly.",
+                                    headers={"Retry-After": "2"})
+            return StreamingResponse(_stream(service, request, user, anonymous),
+                                     media_type="text/event-stream")
+        try:
+            return await asyncio.wait_for(_complete(service, request, user, anonymous), service.request_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"The request took longer than {service.request_timeout:g} s.") from None
 
-    @app.get("/v1/users/{user_id}")
-    async def get_user(user_id: str):
-        state = await asyncio.to_thread(service.storage.state, user_id)
+    @app.get("/v1/users/{user_id:path}")
+    async def get_user(user_id: str, http: Request):
+        stored = _scoped(http, user_id)
+        state = await asyncio.to_thread(service.storage.state, stored)
         if state is None:
             raise HTTPException(404, f"Unknown user {user_id!r}.")
-        history = await asyncio.to_thread(service.storage.history, user_id)
+        history = await asyncio.to_thread(service.storage.history, stored)
         return {"id": user_id, "state": state, "turns": len(history), "history": history}
 
-    @app.delete("/v1/users/{user_id}")
-    async def delete_user(user_id: str):
-        async with service.user_locks[user_id]:
-            deleted = await asyncio.to_thread(service.storage.delete_user, user_id)
-            service.forget(user_id)
+    @app.delete("/v1/users/{user_id:path}")
+    async def delete_user(user_id: str, http: Request):
+        stored = _scoped(http, user_id)
+        async with service.user_locks.hold(stored):
+            deleted = await asyncio.to_thread(service.storage.delete_user, stored)
+            await asyncio.to_thread(service.forget, stored)
         if not deleted:
             raise HTTPException(404, f"Unknown user {user_id!r}.")
         return {"id": user_id, "deleted": True}
 
     @app.post("/v1/feedback")
-    async def feedback(item: Feedback):
-        async with service.user_locks[item.user]:
-            state = await asyncio.to_thread(service.storage.state, item.user) or {}
+    async def feedback(item: Feedback, http: Request):
+        user = _scoped(http, item.user)
+        async with service.user_locks.hold(user):
+            state = await asyncio.to_thread(service.storage.state, user) or {}
             log = state.setdefault("feedback", {"up": 0, "down": 0, "blocked": False})
             if item.rating:
-                log[item.rating] += 1
-            log["blocked"] = log["blocked"] or item.blocked
+                log[item.rating] = log.get(item.rating, 0) + 1
+            log["blocked"] = bool(log.get("blocked")) or item.blocked
             experiment, last = service.experiment, state.get("last_spec")
             rated_ab = bool(item.rating) and last == "ab" and experiment is not None and experiment.owns(state.get("ab"))
             if rated_ab:
-                state["ab"]["ratings"].append(1.0 if item.rating == "up" else 0.0)
-            await asyncio.to_thread(service.storage.save_state, item.user, state)
+                state["ab"].setdefault("ratings", []).append(1.0 if item.rating == "up" else 0.0)
+            await asyncio.to_thread(service.storage.save_state, user, state)
             # in-memory effects only once the state is committed
             if rated_ab:
-                experiment.restore(item.user, state["ab"])
+                experiment.restore(user, state["ab"])
             if service.adapter is not None and last == "auto":
-                service.adapter.feedback(item.user, negative=item.rating == "down" or item.blocked)
+                service.adapter.feedback(user, negative=item.rating == "down" or item.blocked)
         return {"user": item.user, "feedback": log}
 
     @app.get("/v1/experiments/{name}")
@@ -317,47 +691,117 @@ def create_app(service: PersonaService) -> FastAPI:
     return app
 
 
-async def _stream(service: PersonaService, persona: str, request: ChatRequest):
-    """Server-sent events in OpenAI's chunk format, from a TextIteratorStreamer (not batched)."""
-    lock = service.user_locks[request.user] if request.user else asyncio.Lock()
-    async with lock:
-        conversation, message = await asyncio.to_thread(service.conversation, persona, request)
-        async for event in _stream_events(service, persona, request, conversation, message):
-            yield event
+async def _complete(service: PersonaService, request: ChatRequest, user: Optional[str],
+                    anonymous: str = "anonymous") -> dict[str, Any]:
+    async with service.user_locks.hold(user):
+        persona, bank_name, slot = await asyncio.to_thread(service.acquire, request.model, user,
+                                                           request.messages[-1].content, anonymous)
+        try:
+            conversation, message, prompt_tokens = await asyncio.to_thread(service.conversation, bank_name,
+                                                                           request, user)
+            try:
+                reply, prompt_tokens, completion_tokens = await service.batcher.submit(
+                    (conversation, request.max_tokens, request.temperature, request.top_p, prompt_tokens))
+            except QueueFull as err:
+                raise HTTPException(503, f"Busy: {err}; retry shortly.", headers={"Retry-After": "2"}) from None
+        finally:
+            service.release(slot)
+        await asyncio.to_thread(service.persist, user, persona, message, reply, request.model)
+    service.metrics.prompt_tokens += prompt_tokens
+    service.metrics.completion_tokens += completion_tokens
+    return _completion(persona, request.model, reply, prompt_tokens, completion_tokens)
 
 
-async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, conversation, message: str):
-    from transformers import TextIteratorStreamer
+def _sse(payload: Mapping[str, Any]) -> str:
+    return "data: " + json.dumps(payload) + "\n\n"
 
-    streamer = TextIteratorStreamer(service.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+async def _stream(service: PersonaService, request: ChatRequest, user: Optional[str], anonymous: str = "anonymous"):
+    """Server-sent events in OpenAI's chunk format, from a TextIteratorStreamer (not batched).
+    Always ends: an error becomes an SSE `error` event, then [DONE]."""
+    service.metrics.active_streams += 1
+    try:
+        async with service.user_locks.hold(user):
+            slot = None
+            try:
+                persona, bank_name, slot = await asyncio.to_thread(service.acquire, request.model, user,
+                                                                   request.messages[-1].content, anonymous)
+                conversation, message, prompt_tokens = await asyncio.to_thread(service.conversation, bank_name,
+                                                                               request, user)
+                async for event in _stream_events(service, persona, request, conversation, message, user):
+                    yield event
+            except HTTPException as err:
+                yield _sse({"error": {"message": str(err.detail), "type": "invalid_request_error", "param": None,
+                                      "code": err.status_code}})
+                yield "data: [DONE]\n\n"
+            finally:
+                service.release(slot)
+    finally:
+        service.metrics.active_streams -= 1
+
+
+async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, conversation,
+                         message: str, user: Optional[str]):
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(service.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                    timeout=service.request_timeout)
+    stop, failure = threading.Event(), []
+
+    class StopWhenAsked(StoppingCriteria):  # the client left or the stream failed: stop at the next token
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     def run():
-        import torch
+        try:
+            with service.model_lock, torch.no_grad():  # the lock also guards the (not thread-safe) tokenizer
+                if stop.is_set():
+                    raise TimeoutError("the stream was abandoned before generation started")
+                ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                            return_tensors="pt")
+                service.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=request.max_tokens or service.max_new_tokens, streamer=streamer,
+                                       pad_token_id=service.tokenizer.pad_token_id,
+                                       stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                                       **service.generation_kwargs(request.temperature, request.top_p))
+        except BaseException as err:  # noqa: BLE001  (reported to the client; the stream must end)
+            failure.append(err)
+            streamer.end()
 
-        with service.model_lock, torch.no_grad():  # the lock also guards the (not thread-safe) tokenizer
-            ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
-            service.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=request.max_tokens or service.max_new_tokens, streamer=streamer,
-                                   pad_token_id=service.tokenizer.pad_token_id,
-                                   **service.generation_kwargs(request.temperature))
-
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, daemon=True, name="personaweave-stream")
     thread.start()
     chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     pieces = []
     iterator = iter(streamer)
-    while True:
-        piece = await asyncio.to_thread(next, iterator, None)
-        if piece is None:
-            break
-        if piece:
-            pieces.append(piece)
-            yield "data: " + json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                         "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
-                                                                              "finish_reason": None}]}) + "\n\n"
-    thread.join()
-    await asyncio.to_thread(service.persist, request.user, persona, message, "".join(pieces).strip(), request.model)
-    yield "data: " + json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                 "model": request.model, "choices": [{"index": 0, "delta": {},
-                                                                      "finish_reason": "stop"}]}) + "\n\n"
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                piece = await loop.run_in_executor(service.stream_executor, next, iterator, None)
+            except queue.Empty:
+                failure.append(TimeoutError(f"no token for {service.request_timeout:g} s"))
+                break
+            if piece is None:
+                break
+            if piece:
+                pieces.append(piece)
+                yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
+                                                                 "finish_reason": None}]})
+    finally:
+        stop.set()  # also when the client went away: the generation thread ends at its next token
+    await asyncio.to_thread(thread.join, 30)
+    if failure:
+        err = failure[0]
+        logger.warning("a stream failed: %s: %s", type(err).__name__, err)
+        yield _sse({"error": {"message": f"Generation failed ({type(err).__name__}); the reply is incomplete.",
+                              "type": "server_error", "param": None, "code": 500}})
+        yield "data: [DONE]\n\n"
+        return
+    reply = "".join(pieces).strip()
+    await asyncio.to_thread(service.persist, user, persona, message, reply, request.model)
+    service.metrics.completion_tokens += service.count_tokens(reply)
+    yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": request.model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     yield "data: [DONE]\n\n"

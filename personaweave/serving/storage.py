@@ -1,6 +1,9 @@
 """Per-user state and conversation turns in a real database (SQLAlchemy).
 
-SQLite in WAL mode is the embedded default (a committed transaction survives a killed process);
+SQLite in WAL mode is the embedded default, with `synchronous=FULL` (a committed transaction
+survives a killed process and a power loss; `synchronous="NORMAL"` trades the power-loss guarantee
+for one fsync less per commit) and `secure_delete` (a deleted user's text is overwritten, and
+`delete_user` checkpoints the WAL, so the forgotten text leaves the files);
 any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db. On PostgreSQL with the pgvector
 extension available, turn embeddings are also kept in a `vector` column and the memory search
 runs in the database (`<=>`, cosine distance); without it, memories are searched exactly in Python.
@@ -47,15 +50,23 @@ class TurnRow(Base):
     created: Mapped[float] = mapped_column(default=time.time)
 
 
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+
 class Storage:
-    def __init__(self, url: str = "sqlite:///personaweave.db") -> None:
+    def __init__(self, url: str = "sqlite:///personaweave.db", synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}.")
         self.engine = create_engine(url)
-        if url.startswith("sqlite"):
+        self.sqlite = url.startswith("sqlite")
+        if self.sqlite:
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(connection, _record):  # noqa: ANN001
                 cursor = connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+                # FULL: also durable against a power loss; NORMAL: against a killed process only
+                cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+                cursor.execute("PRAGMA secure_delete=ON")  # deleted text is overwritten, not left in free pages
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
         Base.metadata.create_all(self.engine)
@@ -81,13 +92,28 @@ class Storage:
     def state(self, user_id: str) -> Optional[dict[str, Any]]:
         with Session(self.engine) as session:
             row = session.get(UserRow, user_id)
-            return None if row is None else json.loads(row.state)
+            if row is None:
+                return None
+            try:
+                state = json.loads(row.state)
+            except ValueError as err:
+                state = None
+                logger.warning("the stored state of user %r is corrupt (%s): starting it afresh", user_id, err)
+            return state if isinstance(state, dict) else {}
 
     def iter_states(self):
         """(user id, state) of every user, for rebuilding in-memory state after a restart."""
         with Session(self.engine) as session:
-            for row in session.scalars(select(UserRow)).all():
-                yield row.id, json.loads(row.state)
+            rows = session.execute(select(UserRow.id, UserRow.state)).all()
+        for user_id, raw in rows:
+            try:
+                state = json.loads(raw)
+                if not isinstance(state, dict):
+                    raise ValueError(f"a {type(state).__name__}, not an object")
+            except ValueError as err:  # one corrupt row must not keep the server down
+                logger.warning("skipping the corrupt stored state of user %r: %s", user_id, err)
+                continue
+            yield user_id, state
 
     def save_state(self, user_id: str, state: dict[str, Any]) -> None:
         with Session(self.engine) as session, session.begin():
@@ -153,4 +179,8 @@ class Storage:
     def delete_user(self, user_id: str) -> bool:
         with Session(self.engine) as session, session.begin():
             session.execute(delete(TurnRow).where(TurnRow.user_id == user_id))
-            return session.execute(delete(UserRow).where(UserRow.id == user_id)).rowcount > 0
+            deleted = session.execute(delete(UserRow).where(UserRow.id == user_id)).rowcount > 0
+        if deleted and self.sqlite:  # the deleted text must not stay in the write-ahead log either
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted

@@ -69,6 +69,16 @@ class TraitAdaptationEngine:
 
     def step(self, user_id: str, user_message: str, latency_s: Optional[float] = None) -> str:
         """Update the user's traits from this turn and return the persona to answer with."""
+        blend = self.update(user_id, user_message, latency_s)
+        name = self.persona_name(user_id)
+        if name in self.model.config.persona_names:
+            self.model.remove_persona(name)
+        self.model.add_persona(name, blend=blend, tokenizer=self.tokenizer)
+        return name
+
+    def update(self, user_id: str, user_message: str, latency_s: Optional[float] = None) -> dict[str, float]:
+        """Update the user's traits from this turn and return the blend to answer with (the caller
+        puts it in the bank: `step` as `user-<id>`, the service in its bounded persona pool)."""
         state = self.states.get(user_id, self.start.copy())
         signals = extract_signals(user_message, latency_s)
         if self.pending_feedback.pop(user_id, False):
@@ -79,9 +89,4 @@ class TraitAdaptationEngine:
         target[trait] = np.clip(target[trait] + delta, 0.0, 1.0)
         state = ((1 - self.smoothing) * state + self.smoothing * target).astype(np.float32)  # gradual shifts
         self.states[user_id] = state
-        blend = traits_to_blend(dict(zip(TRAITS, state.tolist())), self.parents)
-        name = self.persona_name(user_id)
-        if name in self.model.config.persona_names:
-            self.model.remove_persona(name)
-        self.model.add_persona(name, blend=blend, tokenizer=self.tokenizer)
-        return name
+        return traits_to_blend(dict(zip(TRAITS, state.tolist())), self.parents)
