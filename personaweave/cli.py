@@ -203,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
     except ValueError as err:  # name the command's option, not the function's argument
-        raise UsageError(str(err).replace("pass task=", "pass --task")) from None
+        raise ValueError(str(err).replace("pass task=", "pass --task")) from None
     print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
     return 0
 

@@ -119,10 +119,8 @@ def test_export_errors_name_the_cli_option(tmp_path, capsys):
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", "onnx", str(folder), "--out", str(tmp_path / "onnx")])
+    assert main(["export", "onnx", str(folder), "--out", str(tmp_path / "onnx")]) == 2
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2
     assert "pass --task" in err and "task=" not in err
 
 
