@@ -66,7 +66,7 @@ async def user_loop(client, user: int, stop_at: float, latencies: list, tokens: 
                     malformed_every: int = 0, bad: dict | None = None) -> None:
     turn = 0
     while time.monotonic() < stop_at:
-        if malformed_every and turn % malformed_every == malformed_every - 1:
+        if malformed_every and turn % malformed_every == user % malformed_every:  # users spread their bad ones
             try:
                 await malformed(client, user, turn // malformed_every, bad)
             except Exception as err:

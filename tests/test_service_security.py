@@ -142,6 +142,8 @@ def test_prompt_over_the_window_is_400_with_the_numbers_and_long_history_is_trim
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert str(window) in message and "max_tokens is 8" in message and "tokens" in message
+    streamed = client.post("/v1/chat/completions", json=body("hello " * 600, user="long", max_tokens=8, stream=True))
+    assert streamed.status_code == 400 and str(window) in streamed.json()["error"]["message"]
     assert service.storage.state("long") is None
     for _ in range(4):  # stored history that alone would overflow the window is dropped, oldest first
         assert client.post("/v1/chat/completions", json=body("hello " * 100, user="h")).status_code == 200

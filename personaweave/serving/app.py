@@ -476,6 +476,13 @@ class PersonaService:
                                          f"{self.max_prompt_tokens}-token context window. Send fewer or shorter "
                                          "messages, or a smaller max_tokens.")
 
+    def check_window(self, request: ChatRequest, user: Optional[str]) -> None:
+        """400 before anything else happens when the request alone (the client's messages; for a stored
+        user, the last message without the stored history) does not fit the window with max_tokens."""
+        static = next(n for n in self.model.config.persona_names if not self.pool.is_slot(n))
+        alone = request.model_copy(update={"messages": [request.messages[-1]]}) if user else request
+        self.conversation(static, alone, None)
+
     def persist(self, user: Optional[str], persona: str, message: str, reply: str, spec: str = "") -> None:
         if not user:
             return
@@ -631,6 +638,7 @@ def create_app(service: PersonaService, api_keys: Iterable[str] = ()) -> FastAPI
             raise HTTPException(400, "n > 1 is not supported: this server returns one choice per request.")
         user, anonymous = _scoped(http, request.user), _scoped(http, "anonymous")
         service.check_spec(request.model, user)
+        await asyncio.to_thread(service.check_window, request, user)
         if request.stream:  # the stream holds the user's lock itself, while it runs
             if service.metrics.active_streams >= service.max_streams:
                 raise HTTPException(503, f"Busy: {service.max_streams} streams are running; retry shortly.",
