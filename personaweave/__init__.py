@@ -48,6 +48,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'personaweave' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
+    if module == "personaweave.models":
+        importlib.import_module("personaweave.encoders")  # the default encoder for add_persona(description=)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

@@ -82,6 +82,7 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
+    import personaweave.encoders  # noqa: F401  (the default encoder of `personas add`)
     from personaweave.files import save_folder_atomically
     from personaweave.models import PersonaWeaveForCausalLM
 

@@ -50,3 +50,17 @@ def cached_encoder(model_name_or_path: Optional[str] = None) -> SentenceEncoder:
 def default_encoder() -> SentenceEncoder:
     """The shipped MiniLM encoder (one per process)."""
     return cached_encoder(None)
+
+
+def _install_as_model_default() -> None:
+    """Descriptions given to `add_persona` without an `encoder=` are encoded by the shipped MiniLM.
+
+    The model files know nothing about weights (they are saved as remote code); this layer plugs the
+    default in, on import of `personaweave.encoders` (which `personaweave.loading` and the package's
+    model names import)."""
+    from personaweave.models import modeling_personaweave
+
+    modeling_personaweave.DEFAULT_ENCODER_FACTORY = default_encoder
+
+
+_install_as_model_default()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, NamedTuple, Optional
 
+import personaweave.encoders  # noqa: F401  (plugs the shipped MiniLM in as add_persona's default encoder)
 from personaweave.files import replace_folder
 from personaweave.zoo import SMOLLM2, load_base, load_default_personas
 

@@ -8,7 +8,7 @@ knows where weights come from (see `personaweave.zoo` and `personaweave.loading`
 Importing this package registers the classes with transformers' Auto classes (below).
 """
 
-from . import modeling_personaweave as _modeling
+
 from .configuration_personaweave import PersonaWeaveConfig
 from .modeling_personaweave import (
     PersonaEmbedding,
@@ -54,12 +54,4 @@ def _register_auto_classes() -> None:
     PersonaTraitModel.register_for_auto_class("AutoModel")
 
 
-def _default_encoder():
-    from personaweave.encoders import default_encoder
-
-    return default_encoder()
-
-
 _register_auto_classes()
-# Descriptions are encoded by the shipped MiniLM unless a call passes its own encoder.
-_modeling.DEFAULT_ENCODER_FACTORY = _default_encoder

@@ -468,7 +468,7 @@ def _pass_if_set(kwargs: dict[str, Any], **flags: Optional[bool]) -> None:
     kwargs.update({k: v for k, v in flags.items() if v is not None})
 
 
-# Set by `personaweave/models/__init__.py` to the shipped MiniLM; None where these
+# Set by `personaweave.encoders` (imported by the package's loaders) to the shipped MiniLM; None where these
 # files run as remote code without the package: encoding a description then needs `encoder=`.
 DEFAULT_ENCODER_FACTORY: Optional[Any] = None
 
@@ -478,7 +478,7 @@ def _encode(texts: list[str], encoder: Any) -> list[torch.Tensor]:
     if encoder is None:
         if DEFAULT_ENCODER_FACTORY is None:
             raise ValueError("Encoding a description needs a sentence encoder: pass encoder= (anything with "
-                             ".encode(list[str])) or vector=, or install personaweave for the shipped MiniLM.")
+                             ".encode(list[str]), e.g. personaweave.default_encoder()) or vector=.")
         encoder = DEFAULT_ENCODER_FACTORY()
     vectors = encoder.encode(texts)
     return [torch.as_tensor(v, dtype=torch.float32) for v in vectors]
