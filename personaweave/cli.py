@@ -113,6 +113,17 @@ def _parse_weights(items: Sequence[str]) -> dict[str, float]:
         raise UsageError(str(err)) from None
 
 
+def cmd_traits(args: argparse.Namespace) -> int:
+    from personaweave.traits.pretrained import predict_traits
+
+    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise SystemExit("error: give one or more texts, or pipe lines on standard input")
+    for text, traits in zip(texts, predict_traits(texts, path=args.model)):
+        print(json.dumps({"text": text, **{k: round(v, 3) for k, v in traits.items()}}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from personaweave.demo import run_demo
 
@@ -432,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="personas.json")
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("traits", help="ten personality traits in [0, 1] of each text (the shipped trait model)")
+    p.add_argument("text", nargs="*", help="texts (default: one per line on standard input)")
+    p.add_argument("--model", help="trait heads folder (default: the shipped one)")
+    p.set_defaults(func=cmd_traits)
     return parser
 
 

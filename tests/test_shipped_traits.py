@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -57,3 +58,14 @@ def test_heads_round_trip_and_a_wrong_folder_is_a_clear_error(tmp_path):
     torch.testing.assert_close(again.trait_head.weight, model.trait_head.weight)
     with pytest.raises(FileNotFoundError, match="trait heads"):
         load_trait_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_traits_command_prints_ten_traits_per_text(capsys):
+    from personaweave.cli import main
+
+    assert main(["traits", "Arr, the sea be calling me, matey!", "I would be delighted to assist, sir."]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["Arr, the sea be calling me, matey!", "I would be delighted to assist, sir."]
+    assert all(len(r) == 11 and all(0.0 <= r[k] <= 1.0 for k in r if k != "text") for r in rows)
+    assert rows[1]["formality"] > rows[0]["formality"]  # the butler line reads as more formal than the pirate's
