@@ -248,8 +248,13 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
     PERSONAWEAVE_API_KEYS environment variable (comma-separated)."""
     keys = list(args.api_key or [])
     if args.api_key_file:
-        with open(args.api_key_file, encoding="utf-8") as handle:
-            keys += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            with open(args.api_key_file, encoding="utf-8") as handle:
+                keys += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as err:
+            raise SystemExit(f"error: cannot read --api-key-file: {err}") from None
+        if not keys:
+            raise SystemExit(f"error: --api-key-file {args.api_key_file} holds no key")
     keys += [k.strip() for k in os.environ.get("PERSONAWEAVE_API_KEYS", "").split(",") if k.strip()]
     return list(dict.fromkeys(keys))
 

@@ -95,6 +95,8 @@ def test_serve_refuses_a_public_host_without_keys_and_passes_keys_on(monkeypatch
     assert calls == []
     assert cli.main(base) == 0 and calls[-1][1]["host"] == "127.0.0.1"
     assert "loopback only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="api-key-file"):
+        cli.main(base + ["--api-key-file", str(tmp_path / "missing")])
     (tmp_path / "keys").write_text(f"# ops\n{KEY_B}\n")
     monkeypatch.setenv("PERSONAWEAVE_API_KEYS", "env-key-0123456789ab")
     assert cli.main(base + ["--host", "0.0.0.0", "--api-key", KEY_A, "--api-key-file", str(tmp_path / "keys")]) == 0
