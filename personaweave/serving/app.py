@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import uuid
@@ -91,11 +92,23 @@ def _text(value: Optional[str]) -> Optional[str]:
     return value
 
 
+RESERVED = re.compile(r"<\|persona:[^|]*\|>")
+
+
+def _content(value: str) -> str:
+    """Client text may not carry the reserved persona tokens (they would select another persona,
+    e.g. another user's adaptive one, behind the server's back)."""
+    _text(value)
+    if RESERVED.search(value):
+        raise ValueError("text must not contain reserved persona tokens (<|persona:...|>)")
+    return value
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
-    _content = field_validator("content")(_text)
+    _content = field_validator("content")(_content)
 
 
 class ChatRequest(BaseModel):
