@@ -126,7 +126,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code in (200, 404):  # up (404: a server before /health)
                 return
         except httpx.HTTPError:
             pass

@@ -114,6 +114,8 @@ def test_serve_refuses_a_public_host_without_keys_and_passes_keys_on(monkeypatch
     ('{"model": "blend:pirate=nan,robot=1", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}', 400,
      "finite"),
     ('{"model": "blend:pirate=inf", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}', 400, "finite"),
+    ('{"model": "blend:pirate=1e308,robot=1e308", "messages": [{"role": "user", "content": "hi"}], "user": "bad"}',
+     400, "finite sum"),
     ('{"model": "pirate", "messages": [{"role": "user", "content": "hi"}], "user": "bad", "temperature": 1e-40}',
      422, "temperature"),
     ('{"model": "pirate", "messages": [{"role": "user", "content": "hi"}], "user": "bad", "temperature": NaN}',
@@ -126,7 +128,7 @@ def test_serve_refuses_a_public_host_without_keys_and_passes_keys_on(monkeypatch
      "messages"),
     ('{"model": "pirate", "messages": [{"role": "user", "content": "hi <|persona:pool-0:0|>"}], "user": "bad"}',
      422, "reserved persona tokens"),
-], ids=["surrogate-content", "surrogate-user", "nan-blend", "inf-blend", "tiny-temperature", "nan-temperature",
+], ids=["surrogate-content", "surrogate-user", "nan-blend", "inf-blend", "overflowing-blend", "tiny-temperature", "nan-temperature",
         "zero-top-p", "huge-max-tokens", "n3", "65-messages", "persona-token-injection"])
 def test_bad_numbers_text_and_n_are_json_4xx_before_the_model(service, raw, status, words):
     client = client_for(service)

@@ -372,6 +372,8 @@ class PersonaService:
                 raise HTTPException(404, f"Unknown persona(s) {unknown}; available: {names}.")
             if any(w < 0 for w in weights.values()):
                 raise HTTPException(400, "Blend weights must not be negative.")
+            if not math.isfinite(sum(weights.values())):
+                raise HTTPException(400, "Blend weights must have a finite sum.")
             try:
                 blend_name(weights)
             except ValueError as err:
