@@ -182,5 +182,7 @@ class Storage:
             deleted = session.execute(delete(UserRow).where(UserRow.id == user_id)).rowcount > 0
         if deleted and self.sqlite:  # the deleted text must not stay in the write-ahead log either
             with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
+            if busy:  # a reader holds the log: the next checkpoint (SQLite's own, at the latest) clears it
+                logger.warning("the WAL checkpoint after deleting %r was blocked by a reader", user_id)
         return deleted
