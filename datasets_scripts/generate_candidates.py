@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "sample": sample_index, "reply": reply, "new_tokens": length})
         seconds = time.time() - start
         frame = pd.DataFrame(rows)
-        frame.attrs = {}
         tmp = path + ".tmp"
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)

@@ -120,7 +120,6 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             rows += generate([chat(name, t, model=model) for t in turns], peft)
         replies["token_lora"] = rows
         timing["token_lora"] = time.time() - start
-    by_key = {(r.prompt, r.persona): r for r in candidates.itertuples()}
     if "sample_1" in args.rows:
         first = candidates[candidates["sample"] == 0]
         lookup = {(r.prompt, r.persona): r.reply_trimmed for r in first.itertuples()}
@@ -129,7 +128,6 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         best = candidates.sort_values("score", ascending=False).drop_duplicates(["prompt", "persona"])
         lookup = {(r.prompt, r.persona): r.reply_trimmed for r in best.itertuples()}
         replies["best_of_n"] = [lookup[(t, n)] for n, t in zip(targets, prompts)]
-    del by_key
 
     table: dict[str, Any] = {}
     for row, texts in replies.items():
