@@ -49,11 +49,11 @@ def ordered_turns(num_turns: int, sources: list[str], shared: str, seed: int, va
 
 
 @torch.no_grad()
-def sample_replies(model, tokenizer, system: str, prompts: list[str], num_samples: int, max_new_tokens: int,
-                   temperature: float, top_p: float, repetition_penalty: float, seed: int) -> list[list[str]]:
-    """`num_samples` sampled replies for each prompt (one batched generate call)."""
+def sample_replies(model, tokenizer, conversations: list[tuple[str, str]], num_samples: int, max_new_tokens: int,
+                   temperature: float, top_p: float, repetition_penalty: float, seed: int) -> list[list[tuple[str, int]]]:
+    """`num_samples` sampled replies for each (system prompt, user turn) pair, in one batched generate call."""
     texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+                                           add_generation_prompt=True, tokenize=False) for system, p in conversations]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
     out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
@@ -64,7 +64,7 @@ def sample_replies(model, tokenizer, system: str, prompts: list[str], num_sample
     lengths = (new != tokenizer.pad_token_id).sum(dim=1).tolist()
     replies = [re.sub(r"\s+", " ", d).strip() for d in decoded]
     return [[(replies[i * num_samples + j], lengths[i * num_samples + j]) for j in range(num_samples)]
-            for i in range(len(prompts))]
+            for i in range(len(conversations))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="bfloat16 runs ~1.7x faster on CPUs with AMX (shards 0-15 were sampled in float32)")
+    parser.add_argument("--pairs_per_call", type=int, default=16,
+                        help="(turn, persona) pairs per generate call; x num_samples sequences per batch")
+    parser.add_argument("--splits", nargs="+", default=["test", "validation", "train"],
+                        help="shards holding turns of these splits, in this order of priority")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     turns = ordered_turns(args.num_turns, args.sources, args.shared_data, args.seed, args.val_share, args.test_share)
     os.makedirs(args.out, exist_ok=True)
-    manifest = {"turns": turns, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "max_shards")}}
+    manifest = {"turns": turns, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "max_shards", "splits", "threads")}}
     with open(os.path.join(args.out, "turns.json"), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
     location, extra = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(location, **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(location, **extra, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -107,25 +113,35 @@ def main(argv: list[str] | None = None) -> int:
     personas = load_default_personas()
 
     shards = [turns[i:i + args.turns_per_shard] for i in range(0, len(turns), args.turns_per_shard)]
+    # Shard indices stay those of the full, ordered turn list (so resuming finds the same shards);
+    # `--splits` only chooses which shards go first.
+    rank = {split: r for r, split in enumerate(args.splits)}
+    order = sorted((i for i, shard in enumerate(shards) if any(t["split"] in rank for t in shard)),
+                   key=lambda i: (min(rank.get(t["split"], len(rank)) for t in shards[i]), i))
     done_new = 0
-    for index, shard in enumerate(shards):
+    for index in order:
+        shard = shards[index]
         path = os.path.join(args.out, f"shard-{index:05d}.parquet")
         if os.path.exists(path):
             continue
         if args.max_shards is not None and done_new >= args.max_shards:
             break
         start, rows, new_tokens = time.time(), [], 0
-        for p_index, persona in enumerate(personas):
-            system = SYSTEM_TEMPLATE.format(description=persona.description)
-            samples = sample_replies(model, tokenizer, system, [t["prompt"] for t in shard], args.num_samples,
-                                     args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
-                                     seed=args.seed * 100003 + index * 101 + p_index)
-            for turn, replies in zip(shard, samples):
+        pairs = [(turn, p_index, persona) for p_index, persona in enumerate(personas) for turn in shard]
+        for call, first in enumerate(range(0, len(pairs), args.pairs_per_call)):
+            chunk = pairs[first:first + args.pairs_per_call]
+            conversations = [(SYSTEM_TEMPLATE.format(description=persona.description), turn["prompt"])
+                             for turn, _, persona in chunk]
+            samples = sample_replies(model, tokenizer, conversations, args.num_samples, args.max_new_tokens,
+                                     args.temperature, args.top_p, args.repetition_penalty,
+                                     seed=args.seed * 100003 + index * 101 + call)
+            for (turn, _, persona), replies in zip(chunk, samples):
                 for sample_index, (reply, length) in enumerate(replies):
                     new_tokens += length
                     rows.append({"shard": index, "prompt": turn["prompt"], "source": turn["source"],
                                  "split": turn["split"], "persona": persona.name, "description": persona.description,
-                                 "sample": sample_index, "reply": reply, "new_tokens": length})
+                                 "sample": sample_index, "reply": reply, "new_tokens": length,
+                                 "dtype": args.dtype})
         seconds = time.time() - start
         frame = pd.DataFrame(rows)
         tmp = path + ".tmp"
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         done_new += 1
         print(json.dumps({"shard": index, "of": len(shards), "rows": len(rows), "new_tokens": new_tokens,
                           "seconds": round(seconds, 1), "tokens_per_s": round(new_tokens / seconds, 1),
-                          "split": shard[0]["split"]}), flush=True)
+                          "split": shard[0]["split"], "dtype": args.dtype}), flush=True)
     return 0
 
 
