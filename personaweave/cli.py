@@ -220,6 +220,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bake(args: argparse.Namespace) -> int:
+    if args.model and not os.path.isdir(args.model):
+        raise UsageError(f"{args.model} is not a model folder: it does not exist.")
+    personas = [p.strip() for p in args.personas.split(",") if p.strip()] if args.personas else None
+    blends = {name: _parse_weights(spec) for name, spec in (args.blend or [])}
+
+    from personaweave.export.bake import bake
+
+    try:
+        out = bake(args.model, args.out, personas=personas, merge_lora=args.merge_lora, blends=blends,
+                   adapters=not args.no_adapters)
+    except FileExistsError as err:
+        raise UsageError(str(err)) from None
+    with open(os.path.join(out, "persona_tokens.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    print(f"baked {args.model or 'the shipped personas'} -> {out} ({meta['architecture']}, no remote code)")
+    for persona in meta["personas"]:
+        extra = f"  + {persona['adapter']}" if persona["adapter"] else ""
+        print(f"  {persona['name']:<14} system prompt: {persona['prompt']}{extra}")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -399,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "trait model: feature-extraction, persona classifier: text-classification)")
     p.add_argument("--quantize", choices=["int8"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bake", help="write a plain base-architecture checkpoint (no remote code) with the personas "
+                       "as ordinary tokens, for vLLM, TGI, llama.cpp and stock Optimum")
+    p.add_argument("model", nargs="?", help="a saved PersonaWeave model folder (default: the trained personas "
+                   "shipped in the package)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--personas", help="comma-separated personas to bake (default: all; with --merge-lora, that one)")
+    p.add_argument("--blend", nargs=2, action="append", metavar=("NAME", "A=W,B=W"),
+                   help="also bake a new blend, e.g. --blend mix librarian=0.7,robot=0.3 (repeatable)")
+    p.add_argument("--merge-lora", metavar="NAME", help="merge this persona's LoRA sub-personality into the weights")
+    p.add_argument("--no-adapters", action="store_true", help="do not copy the LoRA sub-personalities beside it")
+    p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("push", help="upload a model folder (+ adapters, ONNX, card) to the Hub")
     p.add_argument("--model", required=True, help="a saved PersonaWeave model folder")
