@@ -348,3 +348,37 @@ def test_metrics_are_prometheus_text(service):
                  "personaweave_completion_tokens_total", 'personaweave_request_seconds_bucket{le="+Inf"} 1',
                  "personaweave_bank_size"):
         assert name in text
+
+
+# -- 6. defects found after the first round ------------------------------------------------------
+
+def test_models_lists_only_what_a_client_may_request_never_pool_slots(tmp_path, hash_encoder):
+    from personaweave.serving.adaptation.engine import TraitAdaptationEngine
+
+    model, tok = tiny_persona_model()
+    service = PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/m.sqlite"), memory=Memory(hash_encoder),
+                             max_new_tokens=2, adapter=TraitAdaptationEngine(model, tok), pool_size=2)
+    client = client_for(service)
+    static = [n for n in model.config.persona_names]
+    for spec in ("blend:pirate=1,robot=3", "auto"):  # both put a persona into a pool slot
+        assert client.post("/v1/chat/completions", json=body(model=spec, user="u")).status_code == 200
+    assert any(n.startswith("pool-") for n in model.config.persona_names)  # the slots are in the bank...
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == static + ["auto"]  # ...but not offered: a client may not ask for them (404)
+
+
+def test_experiment_report_counts_only_the_callers_tenant(tmp_path, hash_encoder):
+    model, tok = tiny_persona_model()
+    service = PersonaService(model.eval(), tok, Storage(f"sqlite:///{tmp_path}/e.sqlite"), memory=Memory(hash_encoder),
+                             max_new_tokens=2, experiment={"pirate": 0.5, "robot": 0.5})
+    client = client_for(service, api_keys=[KEY_A, KEY_B])
+    for key, users in ((KEY_A, 3), (KEY_B, 5)):
+        for i in range(users):
+            assert client.post("/v1/chat/completions", json=body(model="ab", user=f"u{i}"),
+                               headers=auth(key)).status_code == 200
+            client.post("/v1/feedback", json={"user": f"u{i}", "rating": "up"}, headers=auth(key))
+    mine = client.get("/v1/experiments/persona-ab", headers=auth(KEY_A)).json()
+    theirs = client.get("/v1/experiments/persona-ab", headers=auth(KEY_B)).json()
+    assert sum(mine["users"].values()) == 3 and sum(mine["ratings"].values()) == 3
+    assert sum(theirs["users"].values()) == 5 and sum(theirs["ratings"].values()) == 5
+

@@ -9,6 +9,7 @@ concurrent one), so these tests check the counter against the rows.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 
 import pytest
@@ -45,6 +46,35 @@ def test_threads_read_modify_write_one_user_and_lose_no_update(tmp_path):
     assert storage.count_turns("same") == 2 * THREADS * INCREMENTS
     # a second Storage on the same file (another process's view) sees the same committed state
     assert Storage(f"sqlite:///{tmp_path}/db.sqlite").state("same")["turns"] == THREADS * INCREMENTS
+
+
+def increment_in_a_process(url: str, user: str, start) -> None:
+    """Another server process on the same database: no lock is shared, only the database's own."""
+    storage = Storage(url)
+    start.wait()
+    for i in range(INCREMENTS):
+        storage.update_exchange(user, lambda state: {**state, "turns": state.get("turns", 0) + 1},
+                                [("user", f"m{i}", "robot", None), ("assistant", "ok", "robot", None)])
+
+
+def test_processes_read_modify_write_one_user_and_lose_no_update(tmp_path):
+    """8 processes x 10 turns on one SQLite file: the read, the change and the write are one
+    transaction that holds the write lock from its start (BEGIN IMMEDIATE), so turns == 80.
+    (Reading outside the write transaction, with the user's row already there, kept 10 of 80
+    updates; for a new user, 7 of the 8 processes failed on the row's first insert.)"""
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    Storage(url)  # the tables exist before the processes race
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(THREADS)
+    processes = [context.Process(target=increment_in_a_process, args=(url, "same", start)) for _ in range(THREADS)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * THREADS
+    storage = Storage(url)
+    assert storage.count_turns("same") == 2 * THREADS * INCREMENTS
+    assert storage.state("same")["turns"] == THREADS * INCREMENTS
 
 
 def test_concurrent_requests_for_one_user_keep_the_turn_counter(tmp_path, hash_encoder):

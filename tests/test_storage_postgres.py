@@ -99,3 +99,25 @@ def test_pgvector_search_matches_the_exact_search(postgres_url):
     query = unit(100)
     expected = [f"turn {i}" for i in np.argsort(-np.stack(vectors) @ query)[:5]]
     assert storage.search_memories("v", query, k=5, min_similarity=-1.0) == expected
+
+
+def test_processes_read_modify_write_one_new_user_on_postgres(postgres_url):
+    """8 processes x 10 turns for one user who does not exist yet: the row is upserted, then locked
+    (SELECT ... FOR UPDATE) from the read to the commit, so none of the 80 updates is lost."""
+    import multiprocessing
+
+    from test_storage_concurrency import INCREMENTS, THREADS, increment_in_a_process
+
+    Storage(postgres_url)
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(THREADS)
+    processes = [context.Process(target=increment_in_a_process, args=(postgres_url, "racer", start))
+                 for _ in range(THREADS)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * THREADS
+    storage = Storage(postgres_url)
+    assert storage.state("racer")["turns"] == THREADS * INCREMENTS
+    assert storage.count_turns("racer") == 2 * THREADS * INCREMENTS

@@ -3,14 +3,16 @@
 POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0.7,robot=0.3"),
                            "auto" (the adaptation engine picks the blend) or "ab" (the persona A/B
                            experiment assigns a variant); `user` = the user id
-GET  /v1/models            the personas
+GET  /v1/models            the personas a client may name, plus `auto` / `ab` when enabled (blends are
+                           asked for as `blend:...` and not listed; the pool's slots are internal)
 GET/DELETE /v1/users/{id}  a user's state and turns (ids may contain "/")
 POST /v1/feedback          thumbs up/down and blocking on the user's last reply: kept in the user's
                            state; if that reply came from `auto`, the adaptation engine sees it as
                            the next turn's negative-feedback signal; if from `ab`, it is a rating of
                            the user's variant (up = 1, down = 0)
 GET  /v1/experiments/{name} the A/B experiment (default name "persona-ab"): users, ratings, per-user
-                           mean rating per variant, Welch's t on them, P(B > A)
+                           mean rating per variant, Welch's t on them, P(B > A); with API keys, over
+                           the calling key's users only
 GET  /health               liveness, without authentication
 GET  /metrics              Prometheus text: queue depth, requests, tokens, latency histogram, pool
 
@@ -502,13 +504,18 @@ class PersonaService:
         if not user:
             return
         vector = self.memory.embed([message])[0] if self.memory is not None else None
-        state = self.storage.state(user) or {}
-        state.update(persona=persona, turns=state.get("turns", 0) + 1, last_spec=spec)
-        if self.adapter is not None and user in self.adapter.states:
-            state["traits"] = [round(float(x), 4) for x in self.adapter.states[user]]
-        if spec == "ab" and self.experiment is not None:
-            state["ab"] = self.experiment.state(user)
-        self.storage.add_exchange(user, state, [("user", message, persona, vector), ("assistant", reply, persona, None)])
+
+        def change(state: dict[str, Any]) -> dict[str, Any]:
+            state.update(persona=persona, turns=state.get("turns", 0) + 1, last_spec=spec)
+            if self.adapter is not None and user in self.adapter.states:
+                state["traits"] = [round(float(x), 4) for x in self.adapter.states[user]]
+            if spec == "ab" and self.experiment is not None:
+                state["ab"] = self.experiment.state(user)
+            return state
+
+        # one transaction from the read to the write: another server process on the database loses nothing
+        self.storage.update_exchange(user, change, [("user", message, persona, vector),
+                                                    ("assistant", reply, persona, None)])
 
     def prometheus(self) -> str:
         m = self.metrics
@@ -626,9 +633,10 @@ def create_app(service: PersonaService, api_keys: Iterable[str] = ()) -> FastAPI
 
     @app.get("/v1/models")
     async def models():
-        bank = service.model.personas
+        # what a client may ask for by name: the model's personas (not the internal pool slots, which
+        # hold blends and adaptive users: those are asked for as `blend:...` and `auto`)
         data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "personaweave",
-                 "description": p.description} for p in bank]
+                 "description": p.description} for p in service.model.personas if not service.pool.is_slot(p.name)]
         # `auto` only where the adaptation engine runs (otherwise it answers 400), `ab` only with an experiment.
         extra = (["auto"] if service.adapter is not None else []) + (["ab"] if service.experiment is not None else [])
         return {"object": "list", "data": data + [{"id": name, "object": "model", "created": 0,
@@ -687,17 +695,24 @@ def create_app(service: PersonaService, api_keys: Iterable[str] = ()) -> FastAPI
     @app.post("/v1/feedback")
     async def feedback(item: Feedback, http: Request):
         user = _scoped(http, item.user)
-        async with service.user_locks.hold(user):
-            state = await asyncio.to_thread(service.storage.state, user) or {}
+        experiment = service.experiment
+
+        def change(state: dict[str, Any]) -> dict[str, Any]:
             log = state.setdefault("feedback", {"up": 0, "down": 0, "blocked": False})
             if item.rating:
                 log[item.rating] = log.get(item.rating, 0) + 1
             log["blocked"] = bool(log.get("blocked")) or item.blocked
-            experiment, last = service.experiment, state.get("last_spec")
-            rated_ab = bool(item.rating) and last == "ab" and experiment is not None and experiment.owns(state.get("ab"))
-            if rated_ab:
+            if rated(state):
                 state["ab"].setdefault("ratings", []).append(1.0 if item.rating == "up" else 0.0)
-            await asyncio.to_thread(service.storage.save_state, user, state)
+            return state
+
+        def rated(state: Mapping[str, Any]) -> bool:
+            return (bool(item.rating) and state.get("last_spec") == "ab" and experiment is not None
+                    and experiment.owns(state.get("ab")))
+
+        async with service.user_locks.hold(user):
+            state = await asyncio.to_thread(service.storage.update_state, user, change)
+            log, last, rated_ab = state["feedback"], state.get("last_spec"), rated(state)
             # in-memory effects only once the state is committed
             if rated_ab:
                 experiment.restore(user, state["ab"])
@@ -706,10 +721,11 @@ def create_app(service: PersonaService, api_keys: Iterable[str] = ()) -> FastAPI
         return {"user": item.user, "feedback": log}
 
     @app.get("/v1/experiments/{name}")
-    async def experiment(name: str):
+    async def experiment(name: str, http: Request):
         if service.experiment is None or name != service.experiment.name:
             raise HTTPException(404, f"Unknown experiment {name!r}.")
-        return service.experiment.report()
+        tenant = getattr(http.state, "tenant", None)  # with API keys: the caller's own users only
+        return service.experiment.report(prefix=f"{tenant}:" if tenant else "")
 
     return app
 

@@ -4,7 +4,13 @@ SQLite in WAL mode is the embedded default, with `synchronous=FULL` (a committed
 survives a killed process and a power loss; `synchronous="NORMAL"` trades the power-loss guarantee
 for one fsync less per commit) and `secure_delete` (a deleted user's text is overwritten, and
 `delete_user` checkpoints the WAL, so the forgotten text leaves the files);
-any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db. On PostgreSQL with the pgvector
+any SQLAlchemy URL works, e.g. postgresql+psycopg://user@host/db.
+
+A read-modify-write of a user's state (`update_exchange`, `update_state`) is one transaction that
+holds the write lock from its start: `BEGIN IMMEDIATE` on SQLite (pysqlite's own transaction
+handling is turned off, as SQLAlchemy's docs advise, because it began the transaction only at the
+first write, after the read), a row lock (`SELECT ... FOR UPDATE`) on PostgreSQL. So several server
+processes on one database never lose a turn counter update. On PostgreSQL with the pgvector
 extension available, turn embeddings are also kept in a `vector` column and the memory search
 runs in the database (`<=>`, cosine distance); without it, memories are searched exactly in Python.
 """
@@ -14,11 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, create_engine, delete, event, func, select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,15 @@ class TurnRow(Base):
 SYNCHRONOUS = ("FULL", "NORMAL")
 
 
+def _parse_state(user_id: str, raw: str) -> dict[str, Any]:
+    try:
+        state = json.loads(raw)
+    except ValueError as err:
+        state = None
+        logger.warning("the stored state of user %r is corrupt (%s): starting it afresh", user_id, err)
+    return state if isinstance(state, dict) else {}
+
+
 class Storage:
     def __init__(self, url: str = "sqlite:///personaweave.db", synchronous: str = "FULL") -> None:
         if synchronous.upper() not in SYNCHRONOUS:
@@ -62,6 +78,7 @@ class Storage:
         if self.sqlite:
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(connection, _record):  # noqa: ANN001
+                connection.isolation_level = None  # no implicit BEGIN at the first write: `_begin` below
                 cursor = connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
                 # FULL: also durable against a power loss; NORMAL: against a killed process only
@@ -69,6 +86,14 @@ class Storage:
                 cursor.execute("PRAGMA secure_delete=ON")  # deleted text is overwritten, not left in free pages
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.close()
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(connection):  # noqa: ANN001
+                # a writer takes the write lock before its first read: no other writer slips in between
+                connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get("write")
+                                           else "BEGIN")
+        # the engine for transactions that write (same pool: only the BEGIN differs on SQLite)
+        self.writer = self.engine.execution_options(write=True)
         Base.metadata.create_all(self.engine)
         self.pgvector = self.engine.dialect.name == "postgresql" and self._enable_pgvector()
 
@@ -92,14 +117,7 @@ class Storage:
     def state(self, user_id: str) -> Optional[dict[str, Any]]:
         with Session(self.engine) as session:
             row = session.get(UserRow, user_id)
-            if row is None:
-                return None
-            try:
-                state = json.loads(row.state)
-            except ValueError as err:
-                state = None
-                logger.warning("the stored state of user %r is corrupt (%s): starting it afresh", user_id, err)
-            return state if isinstance(state, dict) else {}
+            return None if row is None else _parse_state(user_id, row.state)
 
     def iter_states(self):
         """(user id, state) of every user, for rebuilding in-memory state after a restart."""
@@ -116,7 +134,7 @@ class Storage:
             yield user_id, state
 
     def save_state(self, user_id: str, state: dict[str, Any]) -> None:
-        with Session(self.engine) as session, session.begin():
+        with Session(self.writer) as session, session.begin():
             row = session.get(UserRow, user_id)
             if row is None:
                 session.add(UserRow(id=user_id, state=json.dumps(state)))
@@ -125,22 +143,61 @@ class Storage:
 
     def add_exchange(self, user_id: str, state: dict[str, Any], turns: list[tuple[str, str, Optional[str],
                                                                              Optional[np.ndarray]]]) -> None:
-        """The user's turn, the reply and the new state in one transaction: all or nothing."""
-        with Session(self.engine) as session, session.begin():
+        """The user's turn, the reply and the new state in one transaction: all or nothing. The state
+        is written as given: for a change of the stored state, use `update_exchange`."""
+        with Session(self.writer) as session, session.begin():
             row = session.get(UserRow, user_id)
             if row is None:
                 session.add(UserRow(id=user_id, state=json.dumps(state)))
                 session.flush()
             else:
                 row.state, row.updated = json.dumps(state), time.time()
-            for role, content, persona, vector in turns:
-                blob = None if vector is None else np.asarray(vector, np.float32).tobytes()
-                row = TurnRow(user_id=user_id, role=role, content=content, persona=persona, embedding=blob)
-                session.add(row)
-                if self.pgvector and vector is not None:
-                    session.flush()
-                    session.execute(text("UPDATE turns SET embedding_vec = CAST(:v AS vector) WHERE id = :id"),
-                                    {"v": _vector_literal(vector), "id": row.id})
+            self._add_turns(session, user_id, turns)
+
+    def update_exchange(self, user_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+                        turns: Sequence[tuple[str, str, Optional[str], Optional[np.ndarray]]] = ()
+                        ) -> dict[str, Any]:
+        """Read the user's state, `change(state) -> new state`, write it and add `turns`, all in one
+        transaction that holds the write lock (SQLite) or the user's row lock (PostgreSQL) from the
+        read on: concurrent updates from other threads or processes are serialised, none is lost.
+        Returns the new state."""
+        for attempt in range(3):
+            try:
+                return self._update_exchange(user_id, change, turns)
+            except IntegrityError:  # two first writes of a new user on a database without upsert
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def update_state(self, user_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        return self.update_exchange(user_id, change)
+
+    def _update_exchange(self, user_id, change, turns) -> dict[str, Any]:
+        with Session(self.writer) as session, session.begin():
+            if self.engine.dialect.name == "postgresql":  # the row to lock must exist: insert it if missing
+                from sqlalchemy.dialects.postgresql import insert
+
+                session.execute(insert(UserRow).values(id=user_id, state="{}", updated=time.time())
+                                .on_conflict_do_nothing())
+            row = session.get(UserRow, user_id, with_for_update=True)  # FOR UPDATE (SQLite: BEGIN IMMEDIATE)
+            state = change(_parse_state(user_id, row.state) if row is not None else {})
+            if row is None:
+                session.add(UserRow(id=user_id, state=json.dumps(state)))
+                session.flush()
+            else:
+                row.state, row.updated = json.dumps(state), time.time()
+            self._add_turns(session, user_id, turns)
+            return state
+
+    def _add_turns(self, session: Session, user_id: str, turns) -> None:
+        for role, content, persona, vector in turns:
+            blob = None if vector is None else np.asarray(vector, np.float32).tobytes()
+            row = TurnRow(user_id=user_id, role=role, content=content, persona=persona, embedding=blob)
+            session.add(row)
+            if self.pgvector and vector is not None:
+                session.flush()
+                session.execute(text("UPDATE turns SET embedding_vec = CAST(:v AS vector) WHERE id = :id"),
+                                {"v": _vector_literal(vector), "id": row.id})
 
     def history(self, user_id: str, limit: Optional[int] = None) -> list[dict[str, Any]]:
         with Session(self.engine) as session:
@@ -177,12 +234,15 @@ class Storage:
         return [texts[i] for i in np.argsort(-sims)[:k] if sims[i] >= min_similarity]
 
     def delete_user(self, user_id: str) -> bool:
-        with Session(self.engine) as session, session.begin():
+        with Session(self.writer) as session, session.begin():
             session.execute(delete(TurnRow).where(TurnRow.user_id == user_id))
             deleted = session.execute(delete(UserRow).where(UserRow.id == user_id)).rowcount > 0
         if deleted and self.sqlite:  # the deleted text must not stay in the write-ahead log either
-            with self.engine.connect() as conn:
-                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
+            raw = self.engine.raw_connection()  # outside any transaction (a checkpoint cannot run in one)
+            try:
+                busy = raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                raw.close()
             if busy:  # a reader holds the log: the next checkpoint (SQLite's own, at the latest) clears it
                 logger.warning("the WAL checkpoint after deleting %r was blocked by a reader", user_id)
         return deleted

@@ -159,12 +159,14 @@ class UserExperiment:
     def forget(self, user_id: str) -> None:
         self.users.pop(user_id, None)
 
-    def report(self) -> dict:
+    def report(self, prefix: str = "") -> dict:
+        """The analysis over the users whose id starts with `prefix` (the service: one API key's tenant)."""
         control, treatment = list(self.variants)
-        means = {v: [float(np.mean(r)) for var, r in self.users.values() if var == v and r] for v in self.variants}
+        users = [entry for user, entry in self.users.items() if user.startswith(prefix)]
+        means = {v: [float(np.mean(r)) for var, r in users if var == v and r] for v in self.variants}
         out = {"experiment": self.name, "variants": self.variants, "control": control, "treatment": treatment,
                "users": {v: len(m) for v, m in means.items()},
-               "ratings": {v: sum(len(r) for var, r in self.users.values() if var == v) for v in self.variants},
+               "ratings": {v: sum(len(r) for var, r in users if var == v) for v in self.variants},
                "mean_rating": {v: (float(np.mean(m)) if m else None) for v, m in means.items()}}
         a, b = means[control], means[treatment]
         if len(a) >= 2 and len(b) >= 2:
