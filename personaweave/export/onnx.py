@@ -1,4 +1,4 @@
-"""ONNX export with Optimum, and dynamic int8 quantization with onnxruntime.
+"""ONNX export with Optimum; dynamic int8 and weight-only (MatMulNBits) quantization with onnxruntime.
 
 Optimum knows no `personaweave` model type, so we pass it an `OnnxConfig` (Llama-style decoder
 inputs and past key values, dimensions read from the nested `text_config`). The persona vectors
@@ -29,6 +29,12 @@ SUPPORTED_TASKS = ("text-generation-with-past", "text-generation")
 ENCODER_TASKS = ("text-classification", "feature-extraction")
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_quantized.onnx"
+# --quantize choices: dynamic int8 (MatMulInteger, activations quantized at run time), or weight-only
+# MatMulNBits (8 or 4-bit weights in blocks of 32, dequantized inside the kernel) beside the fp32 graph.
+QUANTIZE_FILES = {"int8": INT8_FILE, "w8": "model_w8.onnx", "w4": "model_w4.onnx"}
+# Never quantized by the weight-only path: the output head (tied to the embeddings in SmolLM2) and the
+# persona layer (a few thousand weights that define every persona). Embedding Gathers are not MatMuls.
+NBITS_KEEP = ("lm_head", "persona_embedding")
 
 
 def _onnx_config_class():
@@ -124,12 +130,19 @@ def cpu_quantization_config(per_channel: bool = True, **options: Any):
     return AutoQuantizationConfig.avx2(is_static=False, per_channel=per_channel, **options)
 
 
+def is_baked_folder(model_dir: str) -> bool:
+    """A folder written by `personaweave bake`: a plain causal LM (no remote code) with persona tokens."""
+    from personaweave.export.bake import PERSONA_TOKENS_FILE
+
+    return os.path.isfile(os.path.join(model_dir, PERSONA_TOKENS_FILE))
+
+
 def default_task(model_dir: str) -> str:
-    """The export task a folder implies: LM, trait model, or sequence classifier."""
+    """The export task a folder implies: LM (PersonaWeave or baked), trait model, or sequence classifier."""
     model_type = _model_type(model_dir)
     if model_type == "personaweave_traits":
         return "feature-extraction"
-    if model_type == "personaweave":
+    if model_type == "personaweave" or is_baked_folder(model_dir):
         return "text-generation-with-past"
     architectures = read_model_config(model_dir, model_types=()).get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -140,8 +153,10 @@ def default_task(model_dir: str) -> str:
 
 def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
                 quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None) -> str:
-    """Export a saved PersonaWeave folder to ONNX (and int8 beside it); returns `output_dir`.
+    """Export a saved PersonaWeave folder to ONNX (and a quantized graph beside it); returns `output_dir`.
 
+    A folder written by `personaweave bake` is a plain base architecture: it goes through Optimum's stock
+    export, no custom OnnxConfig. `quantize` is one of `QUANTIZE_FILES` (int8: dynamic; w8/w4: weight-only).
     The export is written to a temp folder and moved into place only when complete.
     """
     from optimum.exporters.onnx import main_export
@@ -149,13 +164,14 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
     task = task or default_task(model_dir)
     if task not in SUPPORTED_TASKS + ENCODER_TASKS:
         raise ValueError(f"Unsupported task {task!r}; supported: {list(SUPPORTED_TASKS + ENCODER_TASKS)}.")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"Unsupported quantization {quantize!r}; supported: 'int8'.")
+    if quantize not in (None, *QUANTIZE_FILES):
+        raise ValueError(f"Unsupported quantization {quantize!r}; supported: {list(QUANTIZE_FILES)}.")
     encoder = task in ENCODER_TASKS
     traits = encoder and _model_type(model_dir) == "personaweave_traits"
     if traits and task != "feature-extraction":
         raise ValueError("A trait model exports with task 'feature-extraction' (traits + engagement outputs).")
-    config = None if encoder else check_model_folder(model_dir)
+    baked = not encoder and is_baked_folder(model_dir)
+    config = None if encoder or baked else check_model_folder(model_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
@@ -164,6 +180,11 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
             _export_trait_model(model_dir, tmp, opset)
         elif encoder:
             main_export(model_dir, tmp, task=task, opset=opset)
+        elif baked:
+            from personaweave.export.bake import PERSONA_TOKENS_FILE
+
+            main_export(model_dir, tmp, task=task, opset=opset)  # stock Optimum: a plain architecture
+            shutil.copy(os.path.join(model_dir, PERSONA_TOKENS_FILE), tmp)
         else:
             from transformers import AutoConfig
 
@@ -179,6 +200,8 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
             _write_plain_config(tmp, config)
         if quantize == "int8":
             quantize_onnx_int8(tmp, per_channel=per_channel)
+        elif quantize in ("w8", "w4"):
+            quantize_onnx_nbits(tmp, bits=int(quantize[1]))
         from personaweave.files import replace_folder
 
         replace_folder(tmp, os.path.abspath(output_dir))
@@ -233,3 +256,42 @@ def quantize_onnx_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "q
     quantizer.quantize(save_dir=onnx_dir, quantization_config=cpu_quantization_config(per_channel, **options),
                        file_suffix=suffix)
     return os.path.join(onnx_dir, f"model_{suffix}.onnx")
+
+
+def quantize_onnx_nbits(onnx_dir: str, bits: int = 4, block_size: int = 32, accuracy_level: Optional[int] = None,
+                        keep: Sequence[str] = NBITS_KEEP, suffix: Optional[str] = None,
+                        file_name: str = ONNX_FILE) -> str:
+    """Weight-only quantization of the decoder MatMuls with onnxruntime's `MatMulNBitsQuantizer`
+    (symmetric, `bits` in {4, 8}, blocks of `block_size` along the input dimension), saved beside the
+    fp32 graph as `model_w<bits>.onnx` (or `model_<suffix>.onnx`); returns its path.
+
+    Activations stay in floating point unless `accuracy_level` asks otherwise (4 = int8 compute, faster
+    on CPU, quantizes activations per block); nodes whose name contains any of `keep` (the output head,
+    the persona layer) stay fp32, and so do the embedding tables (Gather, not MatMul).
+    """
+    import onnx
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as err:  # onnxruntime >= 1.22 needs onnx-ir for it (the `onnx` extra brings it)
+        raise ImportError(f"Weight-only quantization needs onnxruntime's matmul_nbits_quantizer: {err}. "
+                          "pip install 'personaweave[onnx]' (onnxruntime and onnx-ir).") from None
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits!r}.")
+    model = onnx.load(os.path.join(onnx_dir, file_name))
+    excluded = [n.name for n in model.graph.node if any(k in n.name for k in keep)]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=excluded,
+                                     op_types_to_quantize=("MatMul",))
+    import logging
+
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    out = os.path.join(onnx_dir, f"model_{suffix or f'w{bits}'}.onnx")
+    quantizer.model.save_model_to_file(out, use_external_data_format=False)
+    return out
