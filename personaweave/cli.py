@@ -168,7 +168,49 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_benchmark(args: argparse.Namespace) -> int:
+    """`eval --benchmark convai2`: ConvAI2 perplexity and F1 for no persona / profile in the prompt /
+    profile through persona tokens / both."""
+    from personaweave.data.convai2 import resolve_convai2_path
+
+    if not args.data:
+        raise UsageError("--benchmark convai2 needs --data: the ParlAI ConvAI2 file or its folder, e.g. "
+                         "../shared/data/convai2_personachat (valid_self_original_no_cands.txt).")
+    try:
+        path = resolve_convai2_path(args.data)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1.")
+    if args.f1_limit is not None and args.f1_limit < 0:
+        raise UsageError("--f1-limit must be at least 0.")
+    if args.model:
+        _require_model_folder(args.model)
+    print(f"ConvAI2 benchmark on {path} with {args.model or 'the trained personas shipped in the package'}",
+          file=sys.stderr, flush=True)
+
+    from personaweave.data.convai2 import load_convai2, sample_examples
+    from personaweave.evaluation.convai2 import evaluate_convai2
+    from personaweave.files import write_json
+
+    examples = sample_examples(load_convai2(path), args.limit, seed=args.seed)
+    f1_examples = examples
+    if args.f1_limit is not None:
+        f1_examples = sample_examples(examples, args.f1_limit, seed=args.seed + 1) if args.f1_limit else []
+    model, tokenizer = _load(args)
+    results = evaluate_convai2(model, tokenizer, examples, f1_examples=f1_examples, history_turns=args.history_turns,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, bf16=args.bf16,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    results.update({"benchmark": "convai2", "data": path, "model": args.model or "shipped", "seed": args.seed})
+    write_json(results, args.out)
+    print(json.dumps({c: {k: v for k, v in row.items() if k != "samples"} for c, row in results["conditions"].items()},
+                     indent=1))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.benchmark:
+        return cmd_eval_benchmark(args)
     # Every path first, in a second, before anything heavy is imported or trained.
     if args.onnx:
         for name in args.onnx_files:
@@ -411,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/eval.json")
     p.add_argument("--onnx", help="evaluate an exported ONNX folder instead (persona accuracy)")
     p.add_argument("--onnx-files", nargs="+", default=["model.onnx", "model_quantized.onnx"])
+    p.add_argument("--benchmark", choices=["convai2"],
+                   help="a public benchmark instead: convai2 = gold-reply perplexity and F1 on ConvAI2 (needs --data)")
+    p.add_argument("--data", help="for --benchmark convai2: the ParlAI file or its folder")
+    p.add_argument("--limit", type=int, help="for --benchmark: this many replies, drawn with --seed (default: all)")
+    p.add_argument("--f1-limit", type=int,
+                   help="for --benchmark: greedy replies for F1 on this many of them (default: all; 0: none)")
+    p.add_argument("--history-turns", type=int,
+                   help="for --benchmark: earlier exchanges kept in the prompt (default: the whole dialogue)")
+    p.add_argument("--batch-size", type=int, default=16, help="for --benchmark")
+    p.add_argument("--bf16", action="store_true", help="for --benchmark: bfloat16 autocast on CPU (faster)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a model folder (ONNX with Optimum, optional int8)")
@@ -419,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--task", help="default: from the folder (PersonaWeave LM: text-generation-with-past, "
                    "trait model: feature-extraction, persona classifier: text-classification)")
-    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--quantize", choices=["int8", "w8", "w4"],
+                   help="a quantized graph beside model.onnx: int8 = dynamic int8 (model_quantized.onnx); w8/w4 = "
+                        "weight-only MatMulNBits, 8/4-bit blocks of 32, head and embeddings fp32 (model_w8/w4.onnx)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bake", help="write a plain base-architecture checkpoint (no remote code) with the personas "
