@@ -4,7 +4,6 @@ through Optimum's stock export (no custom OnnxConfig); each loads with ORTModelF
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
