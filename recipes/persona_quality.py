@@ -11,6 +11,7 @@ Rows:
   adapters and without persona tokens (= the bare base model);
 - `persona_token`: the persona's tokens on the trained master (no adapter);
 - `token_lora`: the persona's tokens + its LoRA sub-personality;
+- `token_dpo`: the persona's tokens + the shared `dpo` adapter (recipes/dpo.py), when the model has one;
 - `sample_1`: the first of the N sampled candidates (temperature 0.9, persona in the system prompt);
 - `best_of_n`: the selection judge's pick among the N candidates (the data v2 is made of: the ceiling
   that training on it aims for);
@@ -47,7 +48,7 @@ class PersonaQualityArguments:
     max_turns: int = field(default=64, metadata={"help": "Held-out user turns (x 8 personas)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit for generated rows."})
     batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
-    rows: list[str] = field(default_factory=lambda: ["prompt_baseline", "persona_token", "token_lora", "sample_1",
+    rows: list[str] = field(default_factory=lambda: ["prompt_baseline", "persona_token", "token_lora", "token_dpo", "sample_1",
                                                     "best_of_n", "blends"],
                             metadata={"help": "Which rows to compute."})
     output: str = field(default="outputs/persona_quality.json", metadata={"help": "The JSON report."})
@@ -120,6 +121,11 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             rows += generate([chat(name, t, model=model) for t in turns], peft)
         replies["token_lora"] = rows
         timing["token_lora"] = time.time() - start
+    if "token_dpo" in args.rows and peft is not None and "dpo" in sub_personalities(peft):
+        start = time.time()
+        set_sub_personality(peft, "dpo")
+        replies["token_dpo"] = generate([chat(n, t, model=model) for n, t in zip(targets, prompts)], peft)
+        timing["token_dpo"] = time.time() - start
     if "sample_1" in args.rows:
         first = candidates[candidates["sample"] == 0]
         lookup = {(r.prompt, r.persona): r.reply_trimmed for r in first.itertuples()}
