@@ -33,6 +33,7 @@ import torch
 
 from personaweave.chat import chat
 from personaweave.data.convai2 import ConvAI2Example
+from personaweave.models.modeling_personaweave import end_of_turn_ids
 
 CONDITIONS = ("none", "prompt", "tokens", "both")
 PROFILE_PROMPT = "You are a person with this profile: {profile} Stay in character."
@@ -134,21 +135,11 @@ def add_profile_personas(model: Any, tokenizer: Any, examples: Sequence[ConvAI2E
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def _end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """The token(s) the chat template puts right after an assistant message (e.g. `<|im_end|>`)."""
-    sentinel = "XQZSENTINEL"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}],
-                                         tokenize=False)
-    tail = text.split(sentinel, 1)[1]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    return ids[:1] if ids else ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-
-
 def encode_pairs(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], replies: Sequence[str]
                  ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, target ids) per request: the templated prompt with the generation prompt, and the
     reply followed by the end-of-turn token."""
-    end = _end_of_turn_ids(tokenizer)
+    end = end_of_turn_ids(tokenizer)
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     target_ids = [ids + end for ids in tokenizer(list(replies), add_special_tokens=False)["input_ids"]]

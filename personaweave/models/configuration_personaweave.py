@@ -30,6 +30,14 @@ class PersonaWeaveConfig(PretrainedConfig):
             The persona bank's entries, in order: `name`, `token_ids` (one per soft vector)
             and metadata (`description`, `traits`, `examples`, `blend`). The vectors themselves
             are model weights (`persona_vectors`).
+        few_shot_init (`list[float]`, *optional*):
+            Starting vector when `add_persona(name, examples=[...])` fits a persona from example lines
+            (meta-learned by `personaweave.training.meta_learning.meta_learn_persona_init`). Default: the
+            mean of the bank's vectors.
+        few_shot_steps (`int`, *optional*, defaults to 8):
+            Gradient steps (Adam on the persona vector alone) of that fit.
+        few_shot_lr (`float`, *optional*, defaults to 0.05):
+            Learning rate of that fit.
     """
 
     model_type = "personaweave"
@@ -42,6 +50,9 @@ class PersonaWeaveConfig(PretrainedConfig):
         num_persona_tokens: int = 4,
         persona_hidden_size: int = 512,
         personas: Optional[list[dict[str, Any]]] = None,
+        few_shot_init: Optional[list[float]] = None,
+        few_shot_steps: int = 8,
+        few_shot_lr: float = 0.05,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -54,6 +65,9 @@ class PersonaWeaveConfig(PretrainedConfig):
         self.num_persona_tokens = num_persona_tokens
         self.persona_hidden_size = persona_hidden_size
         self.personas = [dict(p) for p in (personas or [])]
+        self.few_shot_init = None if few_shot_init is None else [float(x) for x in few_shot_init]
+        self.few_shot_steps = few_shot_steps
+        self.few_shot_lr = few_shot_lr
         # Generation and weight tying read these from the top-level config.
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         kwargs.setdefault("is_encoder_decoder", getattr(text_config, "is_encoder_decoder", False))

@@ -167,14 +167,18 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         """Add a persona to the bank and its reserved tokens to `tokenizer`.
 
         Exactly one source of the vector: `blend` (weights over existing personas, normalised
-        to sum to 1), `vector`, or `description` (encoded with `encoder`, by default the
-        shipped MiniLM). The embeddings are resized when the tokenizer grows.
+        to sum to 1), `vector`, `description` (encoded with `encoder`, by default the
+        shipped MiniLM), or, with none of those, `examples`: at least `MIN_FEW_SHOT_EXAMPLES`
+        lines in the persona's voice, from which the vector is fitted by a few gradient steps
+        (`fit_persona_vector`). The embeddings are resized when the tokenizer grows.
         """
         check_name(name)
         if name in self.config.persona_names:
             raise ValueError(f"Persona {name!r} already exists; remove_persona({name!r}) first.")
         if sum(x is not None for x in (blend, vector)) > 1:
             raise ValueError("Give at most one of blend= and vector=.")
+        if blend is None and vector is None and description is None and examples:
+            return self._add_few_shot_persona(name, examples, traits, tokenizer)
         bank = self.personas
         if blend is not None:
             weights = normalise_blend(blend, bank.names)
@@ -205,6 +209,98 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
                 p.name, p.description or None, vector=p.vector, traits=p.traits,
                 examples=p.examples, tokenizer=tokenizer,
             )
+
+    # -- few-shot personas: a vector fitted to example lines ------------------------------------
+    def _add_few_shot_persona(self, name: str, examples: Sequence[str], traits: Optional[Mapping[str, float]],
+                              tokenizer: Any) -> Persona:
+        lines = check_examples(examples)
+        persona = Persona(name, "", dict(traits) if traits else None, lines)
+        persona.vector = self.few_shot_init_vector()
+        self._append_persona(persona, self._reserve_tokens(name, tokenizer))
+        try:
+            fitted = self.fit_persona_vector(name, lines, tokenizer)
+        except BaseException:
+            self.remove_persona(name)
+            raise
+        with torch.no_grad():
+            self.persona_vectors[-1] = fitted.to(self.persona_vectors)
+        return self.personas[name]
+
+    def few_shot_init_vector(self) -> torch.Tensor:
+        """Where a few-shot fit starts: `config.few_shot_init` (meta-learned) or the bank's mean vector."""
+        if self.config.few_shot_init is not None:
+            return check_vector(self.config.few_shot_init, self.config.persona_dim, "few_shot_init")
+        if len(self.persona_vectors):
+            return self.persona_vectors.detach().float().mean(0).cpu()
+        return torch.zeros(self.config.persona_dim)
+
+    def few_shot_batch(self, name: str, lines: Sequence[str], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Padded model inputs whose labels are `lines`, each said by persona `name` (whose reserved
+        tokens open the prompt): the chat template's system turn, then the line as the reply."""
+        tokens = "".join(persona_token(name, i) for i in range(self.config.num_persona_tokens))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if self.config.is_encoder_decoder:
+            prompt = tokenizer([tokens] * len(lines))["input_ids"]
+            targets = tokenizer(list(lines))["input_ids"]
+            rows = [(p, [], t) for p, t in zip(prompt, targets)]  # encoder input, no masked prefix, labels
+        else:
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "system", "content": tokens}], add_generation_prompt=True,
+                                                     tokenize=False)
+            else:
+                text = tokens
+            prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            end = end_of_turn_ids(tokenizer)
+            rows = [(prompt + t + end, [-100] * len(prompt), t + end)
+                    for t in tokenizer(list(lines), add_special_tokens=False)["input_ids"]]
+        width = max(len(r[0]) for r in rows)
+        label_width = max(len(r[1]) + len(r[2]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), label_width), -100, dtype=torch.long)
+        for i, (ids, masked, target) in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            mask[i, :len(ids)] = 1
+            labels[i, len(masked):len(masked) + len(target)] = torch.tensor(target)
+        device = self.persona_vectors.device
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+    def persona_loss(self, name: str, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's loss on `batch` with persona `name`'s vector replaced by `vector` (differentiable in
+        `vector`); the bank is left as it was."""
+        names = self.config.persona_names
+        if name not in names:
+            raise KeyError(f"Unknown persona {name!r}; known personas: {names}.")
+        i = names.index(name)
+        saved = self.persona_vectors
+        self.persona_vectors = torch.cat([saved[:i], vector.to(saved)[None], saved[i + 1:]])
+        try:
+            return self(**batch).loss
+        finally:
+            self.persona_vectors = saved
+
+    def fit_persona_vector(self, name: str, lines: Sequence[str], tokenizer: Any, *, init: Optional[torch.Tensor] = None,
+                           steps: Optional[int] = None, lr: Optional[float] = None) -> torch.Tensor:
+        """Persona `name`'s vector fitted to `lines` (Adam on the vector alone, model weights untouched):
+        `steps` steps from `init` (default: its current vector). Returns the vector; the bank is unchanged."""
+        steps = self.config.few_shot_steps if steps is None else steps
+        lr = self.config.few_shot_lr if lr is None else lr
+        batch = self.few_shot_batch(name, lines, tokenizer)
+        if init is None:
+            init = self.persona_vectors[self.config.persona_names.index(name)]
+        vector = init.detach().float().clone().to(self.persona_vectors.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([vector], lr=lr)
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(steps):
+                loss = self.persona_loss(name, vector, batch)
+                (grad,) = torch.autograd.grad(loss, [vector])  # the vector only: no weight gradients
+                vector.grad = grad
+                optimizer.step()
+        finally:
+            self.train(was_training)
+        return vector.detach()
 
     def remove_persona(self, name: str) -> Persona:
         """Remove a persona. Its tokens stay in the tokenizer but no longer select anything."""
@@ -466,6 +562,35 @@ class PersonaWeaveForConditionalGeneration(PersonaWeavePreTrainedModel, Generati
 def _pass_if_set(kwargs: dict[str, Any], **flags: Optional[bool]) -> None:
     """Forward output_* flags only when given, so the wrapped model's config defaults still apply."""
     kwargs.update({k: v for k, v in flags.items() if v is not None})
+
+
+MIN_FEW_SHOT_EXAMPLES = 5
+
+
+def check_examples(examples: Sequence[str]) -> list[str]:
+    """Example lines for a few-shot persona: at least MIN_FEW_SHOT_EXAMPLES non-empty strings."""
+    if isinstance(examples, str):
+        raise ValueError("examples= takes a list of lines, not one string.")
+    lines = [str(e).strip() for e in examples]
+    if any(not line for line in lines):
+        raise ValueError("Every example line must be a non-empty string.")
+    if len(lines) < MIN_FEW_SHOT_EXAMPLES:
+        raise ValueError(f"A persona fitted from examples needs at least {MIN_FEW_SHOT_EXAMPLES} example lines; "
+                         f"got {len(lines)}. Give more lines, or a description= instead.")
+    return lines
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The token the chat template puts right after a reply (e.g. `<|im_end|>`): a reply's last target.
+    Falls back to EOS without a chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        sentinel = "XQZSENTINEL"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+        ids = tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
+        if ids:
+            return ids[:1]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 # Set by `personaweave.encoders` (imported by the package's loaders) to the shipped MiniLM; None where these

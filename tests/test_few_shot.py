@@ -1,0 +1,120 @@
+"""Few-shot personas: `add_persona(name, examples=[...])` fits the persona's vector to its lines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_persona_model, make_t5_persona_model
+
+from personaweave.models import PersonaWeaveConfig, PersonaWeaveForCausalLM
+from personaweave.models.modeling_personaweave import MIN_FEW_SHOT_EXAMPLES
+from personaweave.testing import tiny_llama, tiny_tokenizer
+
+LINES = ["arr ahoy matey , the sea !", "ahoy , the ship , arr !", "arr matey , a ship ahoy .",
+         "the sea , the sea , arr !", "ahoy matey ! arr arr .", "a ship ! ahoy , matey ."]
+
+
+def responsive_persona_model(seed: int = 0):
+    """A tiny model whose LM listens to its inputs (wider init than conftest's), with a random non-zero
+    persona layer standing in for a trained one: an untrained layer (zero output) gives no gradient."""
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok), seed, hidden_size=64, initializer_range=0.2)
+    config = PersonaWeaveConfig(text_config=base.config, persona_dim=8, num_persona_tokens=2, persona_hidden_size=16)
+    model = PersonaWeaveForCausalLM(config, language_model=base)
+    torch.manual_seed(seed + 1)
+    for p in model.persona_embedding.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("robot", "pirate"):
+        model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
+    return model.eval(), tok
+
+
+def _logits(model, tok, name):
+    ids = tok.apply_chat_template([{"role": "system", "content": "".join(
+        f"<|persona:{name}:{i}|>" for i in range(model.config.num_persona_tokens))},
+        {"role": "user", "content": "hello what should i read"}], add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fit_lowers_the_loss_of_the_lines_and_touches_nothing_else():
+    model, tok = responsive_persona_model()
+    before = {n: _logits(model, tok, n) for n in ("robot", "pirate")}
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "persona_vectors"}
+    vectors = model.persona_vectors.clone()
+    init = model.few_shot_init_vector()  # the bank's mean vector (no meta-learned init in this config)
+
+    persona = model.add_persona("sailor", examples=LINES, tokenizer=tok)
+
+    assert persona.description == "" and persona.examples == LINES
+    batch = model.few_shot_batch("sailor", LINES, tok)
+    with torch.no_grad():
+        start = model.persona_loss("sailor", init, batch)
+        fitted = model.persona_loss("sailor", model.persona_vectors[-1], batch)
+    assert float(fitted) < float(start) - 0.05, (float(start), float(fitted))
+    # every other persona answers exactly as before (the new persona's reserved tokens are never predicted);
+    # no weight moved
+    for name, logits in before.items():
+        after = _logits(model, tok, name)
+        torch.testing.assert_close(after[..., :logits.shape[-1]], logits, rtol=0, atol=0)
+        assert (after[..., logits.shape[-1]:] == torch.finfo(after.dtype).min).all()
+    torch.testing.assert_close(model.persona_vectors[:-1], vectors, rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        if key in weights:
+            torch.testing.assert_close(value[:len(weights[key])], weights[key], rtol=0, atol=0)  # rows added only
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_starts_from_the_meta_learned_init_when_the_config_has_one():
+    model, tok = make_persona_model()
+    init = torch.linspace(-1, 1, model.config.persona_dim)
+    model.config.few_shot_init = init.tolist()
+    torch.testing.assert_close(model.few_shot_init_vector(), init)
+    model.config.few_shot_steps = 0  # no steps: the vector is the init itself
+    model.add_persona("sailor", examples=LINES, tokenizer=tok)
+    torch.testing.assert_close(model.persona_vectors[-1], init)
+
+
+def test_bad_examples_are_clear_errors_and_leave_the_bank_alone():
+    model, tok = make_persona_model()
+    names = list(model.config.persona_names)
+    with pytest.raises(ValueError, match=f"at least {MIN_FEW_SHOT_EXAMPLES} example lines; got 3"):
+        model.add_persona("sailor", examples=LINES[:3], tokenizer=tok)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.add_persona("sailor", examples=LINES[:4] + ["  "], tokenizer=tok)
+    with pytest.raises(ValueError, match="list of lines"):
+        model.add_persona("sailor", examples="arr " * 10, tokenizer=tok)
+    with pytest.raises(ValueError, match="description must be a non-empty"):
+        model.add_persona("sailor", description="   ", tokenizer=tok)  # an empty profile
+    with pytest.raises(ValueError, match="description must be a non-empty"):
+        model.add_persona("sailor", tokenizer=tok)  # nothing at all
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        model.add_persona("sailor", examples=LINES)
+    assert model.config.persona_names == names and len(model.persona_vectors) == len(names)
+
+
+def test_description_with_examples_still_means_the_description(hash_encoder):
+    model, tok = make_persona_model()
+    persona = model.add_persona("sailor", "a sailor", examples=LINES[:2], tokenizer=tok, encoder=hash_encoder)
+    torch.testing.assert_close(persona.vector, torch.as_tensor(hash_encoder.encode(["a sailor"])[0]))
+
+
+def test_seq2seq_fit_and_remote_code_round_trip(tmp_path):
+    model, tok = make_t5_persona_model()
+    model.add_persona("sailor", examples=LINES, tokenizer=tok)
+    batch = model.few_shot_batch("sailor", LINES, tok)
+    with torch.no_grad():
+        assert float(model.persona_loss("sailor", model.persona_vectors[-1], batch)) < float(
+            model.persona_loss("sailor", model.few_shot_init_vector(), batch))
+
+    causal, ctok = make_persona_model()
+    causal.config.few_shot_init = [0.5] * causal.config.persona_dim
+    causal.add_persona("sailor", examples=LINES, tokenizer=ctok)
+    causal.save_pretrained(tmp_path / "m")
+    from personaweave import PersonaWeaveForCausalLM
+
+    loaded = PersonaWeaveForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.few_shot_init == [0.5] * causal.config.persona_dim
+    assert loaded.config.persona_names[-1] == "sailor"
+    torch.testing.assert_close(loaded.persona_vectors, causal.persona_vectors)
