@@ -158,26 +158,46 @@ def test_prompt_over_the_window_is_400_with_the_numbers_and_long_history_is_trim
 
 
 def test_one_bad_request_never_fails_the_others_in_its_batch(service, monkeypatch):
-    real = service.generate
+    """A request that breaks every forward pass it is part of (its prefill, and any batched decode
+    step it is in) fails alone: the batched step is retried request by request."""
+    real_conversation, real_request, real_forward = service.conversation, service.request, service.model.forward
+    bad = []
 
-    def generate(conversations, *args, **kwargs):
-        if any("boom" in c[-1]["content"] for c in conversations):
-            raise RuntimeError("this request breaks generation")
-        return real(conversations, *args, **kwargs)
+    def conversation(persona, request, user=None):
+        out = real_conversation(persona, request, user)
+        if "boom" in request.messages[-1].content:
+            bad.append(out[2])
+        return out
 
-    monkeypatch.setattr(service, "generate", generate)
-    service.batcher.max_wait = 0.3  # the five requests share a batch
+    def request(prompt, *args):
+        gen = real_request(prompt, *args)
+        if any(prompt is b for b in bad):
+            bad.append(gen)
+        return gen
+
+    def forward(*args, input_ids=None, **kwargs):
+        for gen in (b for b in bad if not isinstance(b, list)):
+            whole = list(gen.prompt) + gen.tokens
+            if input_ids.shape[1] == len(whole) and input_ids[0].tolist() == whole or \
+                    (input_ids.shape[0] > 1 and gen in service.batcher._rows):
+                raise RuntimeError("this request breaks generation")
+        return real_forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(service, "conversation", conversation)
+    monkeypatch.setattr(service, "request", request)
+    monkeypatch.setattr(service.model, "forward", forward)
     app = create_app(service)
 
-    async def run(bad):
+    async def run(bad_body):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             good = [c.post("/v1/chat/completions", json=body(user=f"g{i}")) for i in range(4)]
-            return [r.status_code for r in await asyncio.gather(*good, c.post("/v1/chat/completions", json=bad))]
+            return [r.status_code for r in await asyncio.gather(*good, c.post("/v1/chat/completions", json=bad_body))]
 
     assert asyncio.run(run(body("boom", user="bad"))) == [200] * 4 + [500]
     assert asyncio.run(run(body(user="bad", temperature=1e-40))) == [200] * 4 + [422]
     assert all(service.storage.count_turns(f"g{i}") == 4 for i in range(4))
+    assert service.storage.state("bad") is None
 
 
 def sse(text):
@@ -185,16 +205,16 @@ def sse(text):
 
 
 def test_a_failing_stream_ends_with_an_error_event_and_the_server_stays_up(service, monkeypatch):
-    real = service.model.generate
+    real = service.model.forward
     calls = []
 
-    def generate(*args, **kwargs):
+    def forward(*args, **kwargs):
         calls.append(1)
-        if len(calls) <= 6:
+        if len(calls) <= 6:  # the first six streams' prefills
             raise RuntimeError("probability tensor contains inf or nan")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service.model, "generate", generate)
+    monkeypatch.setattr(service.model, "forward", forward)
     threads = threading.active_count()
     with serve_in_thread(create_app(service)) as url:
         with httpx.Client(base_url=url, timeout=20) as c:
@@ -203,10 +223,9 @@ def test_a_failing_stream_ends_with_an_error_event_and_the_server_stays_up(servi
                 assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
             assert c.post("/v1/chat/completions", json=body(user="after")).status_code == 200
             events = sse(c.post("/v1/chat/completions", json=body(user="after", stream=True)).text)
-            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
             assert c.get("/v1/users/after").json()["turns"] == 4
     assert service.storage.state("s0") is None  # a failed stream stores nothing
-    assert not [t for t in threading.enumerate() if t.name == "personaweave-stream"]
     assert threading.active_count() <= threads + 2 * service.max_streams
 
 
@@ -382,3 +401,29 @@ def test_experiment_report_counts_only_the_callers_tenant(tmp_path, hash_encoder
     assert sum(mine["users"].values()) == 3 and sum(mine["ratings"].values()) == 3
     assert sum(theirs["users"].values()) == 5 and sum(theirs["ratings"].values()) == 5
 
+
+
+def test_a_timed_out_request_stops_its_generation(service, monkeypatch):
+    """504 must free the model: the decode loop stops at the next step instead of running to max_tokens."""
+    import time
+
+    language_model = service.model.language_model
+    real, steps = language_model.forward, []
+
+    def slow(*args, **kwargs):
+        steps.append(1)
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(language_model, "forward", slow)
+    service.request_timeout = 0.5
+    client = client_for(service)
+    response = client.post("/v1/chat/completions", json=body(user="slow", max_tokens=200))
+    assert response.status_code == 504 and response.json()["error"]["code"] == 504
+    time.sleep(0.5)  # one step at most may still finish
+    after = len(steps)
+    time.sleep(1.0)
+    assert len(steps) == after < 40, f"generation went on after the 504: {after} -> {len(steps)} steps"
+    assert service.storage.state("slow") is None  # nothing acknowledged, nothing stored
+    service.request_timeout = 30
+    assert client.post("/v1/chat/completions", json=body(user="next", max_tokens=3)).status_code == 200

@@ -26,9 +26,11 @@ temperature 0 or in [0.01, 2], top_p in (0, 1], max_tokens 1-512, n = 1, at most
 the prompt is counted in tokens after the chat template: stored history is dropped oldest first
 to fit `window - max_tokens`, and when the request alone does not fit the answer is 400 with the
 numbers. At most `max_queue` requests wait for the model (503 + Retry-After beyond that); a
-request waits at most `request_timeout` seconds (504). A failed batch is retried request by
-request, so one bad request fails only itself; a stream always ends (an SSE error event, then
-[DONE]). Blends and per-user adaptive personas live in a fixed pool of `pool_size` bank slots
+request waits at most `request_timeout` seconds (504), and then leaves the batch at the next decode
+step. Generation is continuously batched (`batching.ContinuousBatcher`: requests, streams
+included, join and leave the running batch between decode steps, each with its own sampling
+settings and max_tokens); a failure is confined to its request; a stream always ends (an SSE error
+event, then [DONE]). Blends and per-user adaptive personas live in a fixed pool of `pool_size` bank slots
 (least recently used evicted), so the bank, the tokenizer and the embedding matrix stay bounded.
 
 Per-user state in the database: persona, turn count, last model spec, the adaptive trait state,
@@ -51,14 +53,12 @@ import hmac
 import json
 import logging
 import math
-import queue
 import re
 import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Request
@@ -69,7 +69,7 @@ from pydantic import BaseModel, Field, field_validator
 from personaweave.chat import chat
 from personaweave.models.personas import blend_name, parse_blend
 from personaweave.serving.adaptation.abtest import UserExperiment
-from personaweave.serving.batching import DynamicBatcher, QueueFull
+from personaweave.serving.batching import ContinuousBatcher, FairLock, Generation, QueueFull
 from personaweave.serving.memory import Memory
 from personaweave.serving.storage import Storage
 
@@ -297,20 +297,20 @@ class PersonaService:
     """Model, tokenizer, storage, memory and batching behind the HTTP layer."""
 
     def __init__(self, model: Any, tokenizer: Any, storage: Storage, memory: Optional[Memory] = None,
-                 adapter: Any = None, max_new_tokens: int = 64, batching: bool = True, max_batch: int = 8,
-                 max_wait_ms: float = 10.0, history_turns: int = 6,
+                 adapter: Any = None, max_new_tokens: int = 64, batching: bool = True, max_batch: int = 16,
+                 history_turns: int = 6,
                  experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
                  pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
                  max_prompt_tokens: Optional[int] = None) -> None:
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.memory, self.adapter = memory, adapter
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
-        self.batcher = DynamicBatcher(self._generate_batch, max_batch if batching else 1, max_wait_ms, max_queue)
         self.user_locks = UserLocks()
-        self.model_lock = threading.Lock()  # bank edits and generation do not interleave
+        self.model_lock = FairLock()  # bank edits and decode steps do not interleave; edits wait one step at most
+        # requests join and leave the running batch between decode steps (without batching: one at a time)
+        self.batcher = ContinuousBatcher(model, self.model_lock, max_batch if batching else 1, max_queue,
+                                         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id)
         self.max_streams, self.request_timeout = max_streams, request_timeout
-        # streams wait for tokens in their own threads: they never starve the default executor
-        self.stream_executor = ThreadPoolExecutor(max_workers=2 * max_streams, thread_name_prefix="personaweave-sse")
         self.metrics = Metrics()
         self.experiment = None
         if experiment is not None:
@@ -432,35 +432,35 @@ class PersonaService:
                                     max_new_tokens=max_tokens or self.max_new_tokens, batch_size=len(conversations),
                                     **self.generation_kwargs(temperature, top_p)).texts
 
-    def _generate_batch(self, items: list[tuple]) -> list[tuple[str, int, int]]:
-        """The batcher's worker: requests with the same (max_tokens, temperature, top_p) share a call.
-        An item is (conversation, max_tokens, temperature[, top_p[, prompt tokens]]).
-        Returns (reply, prompt tokens, completion tokens) per request."""
-        items = [tuple(item) + (None,) * (5 - len(item)) for item in items]
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, max_tokens, temperature, top_p, _) in enumerate(items):
-            key = (max_tokens or self.max_new_tokens, temperature or 0.0, top_p if temperature else None)
-            groups.setdefault(key, []).append(i)
-        replies: list[tuple[str, int, int]] = [("", 0, 0)] * len(items)
-        for (max_tokens, temperature, top_p), members in groups.items():
-            texts = self.generate([items[i][0] for i in members], max_tokens, temperature, top_p)
-            for i, text in zip(members, texts):
-                prompt = items[i][4] if items[i][4] is not None else self.count_prompt(items[i][0])
-                replies[i] = (text, prompt, self.count_tokens(text))
-        return replies
+    def request(self, prompt: list[int], max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                top_p: Optional[float] = None) -> Generation:
+        """A request for the batcher with the service's settings: greedy unless a temperature > 0 is asked
+        for, and the repetition penalty either way (as `generation_kwargs`)."""
+        return Generation(prompt=prompt, max_new_tokens=max_tokens or self.max_new_tokens,
+                          temperature=temperature or 0.0, top_p=(top_p or DEFAULT_TOP_P) if temperature else 1.0,
+                          top_k=self.model.generation_config.top_k or 0, repetition_penalty=REPETITION_PENALTY)
 
-    def count_prompt(self, conversation: list[dict[str, str]]) -> int:
+    def encode_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids after the chat template (with a private tokenizer: the model's may be
+        in use by a bank edit)."""
         with self._count_lock:
             text = self.count_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            return len(self.count_tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.count_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_prompt(self, conversation: list[dict[str, str]]) -> int:
+        return len(self.encode_prompt(conversation))
+
+    def decode(self, tokens: list[int]) -> str:
+        with self._count_lock:
+            return self.count_tokenizer.decode(tokens, skip_special_tokens=True)
 
     def count_tokens(self, text: str) -> int:
         with self._count_lock:
             return len(self.count_tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def conversation(self, persona: str, request: ChatRequest, user: Optional[str] = None
-                     ) -> tuple[list[dict[str, str]], str, int]:
-        """(chat messages, the user's message, prompt tokens). Stored history is dropped oldest
+                     ) -> tuple[list[dict[str, str]], str, list[int]]:
+        """(chat messages, the user's message, prompt token ids). Stored history is dropped oldest
         first until the prompt fits `max_prompt_tokens - max_tokens`; 400 when the request alone
         does not fit."""
         last = request.messages[-1].content
@@ -480,9 +480,10 @@ class PersonaService:
                 conversation = chat(persona, last, history, model=self.model, context=context)
             except KeyError as err:  # the persona left the bank in the meantime
                 raise HTTPException(503, f"Busy: {err}; retry shortly.") from None
-            tokens = self.count_prompt(conversation)
+            ids = self.encode_prompt(conversation)
+            tokens = len(ids)
             if tokens <= budget:
-                return conversation, last, tokens
+                return conversation, last, ids
             if history and user:  # the server's own stored history: trim it
                 history = history[2:] if len(history) > 1 else []
             elif context:
@@ -528,6 +529,8 @@ class PersonaService:
                   f"personaweave_completion_tokens_total {m.completion_tokens}",
                   "# TYPE personaweave_batch_failures_total counter",
                   f"personaweave_batch_failures_total {self.batcher.failures}",
+                  "# TYPE personaweave_running_requests gauge", f"personaweave_running_requests {self.batcher.running}",
+                  "# TYPE personaweave_decode_steps_total counter", f"personaweave_decode_steps_total {self.batcher.steps}",
                   "# TYPE personaweave_request_seconds histogram"]
         total = 0
         for bound, count in zip(LATENCY_BUCKETS + (math.inf,), m.latency):
@@ -542,11 +545,13 @@ class PersonaService:
         return "\n".join(lines) + "\n"
 
 
-def _completion(persona: str, spec: str, reply: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _completion(persona: str, spec: str, reply: str, prompt_tokens: int, completion_tokens: int,
+                finish_reason: Optional[str] = "stop") -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
         "model": spec, "system_fingerprint": persona,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                     "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
@@ -736,19 +741,20 @@ async def _complete(service: PersonaService, request: ChatRequest, user: Optiona
         persona, bank_name, slot = await asyncio.to_thread(service.acquire, request.model, user,
                                                            request.messages[-1].content, anonymous)
         try:
-            conversation, message, prompt_tokens = await asyncio.to_thread(service.conversation, bank_name,
-                                                                           request, user)
+            _, message, prompt = await asyncio.to_thread(service.conversation, bank_name, request, user)
+            # a timeout (504) cancels this coroutine: the batcher then drops the request at its next step
+            gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p)
             try:
-                reply, prompt_tokens, completion_tokens = await service.batcher.submit(
-                    (conversation, request.max_tokens, request.temperature, request.top_p, prompt_tokens))
+                await service.batcher.submit(gen)
             except QueueFull as err:
                 raise HTTPException(503, f"Busy: {err}; retry shortly.", headers={"Retry-After": "2"}) from None
         finally:
             service.release(slot)
+        reply = (await asyncio.to_thread(service.decode, gen.tokens)).strip()
         await asyncio.to_thread(service.persist, user, persona, message, reply, request.model)
-    service.metrics.prompt_tokens += prompt_tokens
-    service.metrics.completion_tokens += completion_tokens
-    return _completion(persona, request.model, reply, prompt_tokens, completion_tokens)
+    service.metrics.prompt_tokens += len(prompt)
+    service.metrics.completion_tokens += len(gen.tokens)
+    return _completion(persona, request.model, reply, len(prompt), len(gen.tokens), gen.finish_reason)
 
 
 def _sse(payload: Mapping[str, Any]) -> str:
@@ -765,9 +771,8 @@ async def _stream(service: PersonaService, request: ChatRequest, user: Optional[
             try:
                 persona, bank_name, slot = await asyncio.to_thread(service.acquire, request.model, user,
                                                                    request.messages[-1].content, anonymous)
-                conversation, message, prompt_tokens = await asyncio.to_thread(service.conversation, bank_name,
-                                                                               request, user)
-                async for event in _stream_events(service, persona, request, conversation, message, user):
+                _, message, prompt = await asyncio.to_thread(service.conversation, bank_name, request, user)
+                async for event in _stream_events(service, persona, request, prompt, message, user):
                     yield event
             except HTTPException as err:
                 yield _sse({"error": {"message": str(err.detail), "type": "invalid_request_error", "param": None,
@@ -779,68 +784,47 @@ async def _stream(service: PersonaService, request: ChatRequest, user: Optional[
         service.metrics.active_streams -= 1
 
 
-async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, conversation,
+async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, prompt: list[int],
                          message: str, user: Optional[str]):
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(service.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                    timeout=service.request_timeout)
-    stop, failure = threading.Event(), []
-
-    class StopWhenAsked(StoppingCriteria):  # the client left or the stream failed: stop at the next token
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    def run():
-        try:
-            with service.model_lock, torch.no_grad():  # the lock also guards the (not thread-safe) tokenizer
-                if stop.is_set():
-                    raise TimeoutError("the stream was abandoned before generation started")
-                ids = service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                            return_tensors="pt")
-                service.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                       max_new_tokens=request.max_tokens or service.max_new_tokens, streamer=streamer,
-                                       pad_token_id=service.tokenizer.pad_token_id,
-                                       stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
-                                       **service.generation_kwargs(request.temperature, request.top_p))
-        except BaseException as err:  # noqa: BLE001  (reported to the client; the stream must end)
-            failure.append(err)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True, name="personaweave-stream")
-    thread.start()
+    """The reply's text as it is decoded: the request runs in the continuous batch like any other, and
+    each step's token comes out here (text only once it is whole: no half UTF-8 character)."""
+    gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p)
     chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    pieces = []
-    iterator = iter(streamer)
-    loop = asyncio.get_running_loop()
+    tokens = service.batcher.stream(gen)
+    sent, failure = "", None
     try:
         while True:
-            try:
-                piece = await loop.run_in_executor(service.stream_executor, next, iterator, None)
-            except queue.Empty:
-                failure.append(TimeoutError(f"no token for {service.request_timeout:g} s"))
+            try:  # no token for `request_timeout` seconds: the stream ends (and the request leaves the batch)
+                await asyncio.wait_for(anext(tokens), service.request_timeout)
+            except StopAsyncIteration:
                 break
-            if piece is None:
-                break
-            if piece:
-                pieces.append(piece)
-                yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
-                                                                 "finish_reason": None}]})
+            text = service.decode(gen.tokens)
+            if text.endswith("\ufffd") or len(text) <= len(sent):
+                continue
+            piece, sent = text[len(sent):], text
+            yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": request.model, "choices": [{"index": 0, "delta": {"content": piece},
+                                                             "finish_reason": None}]})
+    except QueueFull as err:
+        failure = HTTPException(503, f"Busy: {err}; retry shortly.")
+    except asyncio.TimeoutError:
+        failure = TimeoutError(f"no token for {service.request_timeout:g} s")
+    except Exception as err:  # noqa: BLE001  (reported to the client; the stream must end)
+        failure = err
     finally:
-        stop.set()  # also when the client went away: the generation thread ends at its next token
-    await asyncio.to_thread(thread.join, 30)
-    if failure:
-        err = failure[0]
-        logger.warning("a stream failed: %s: %s", type(err).__name__, err)
-        yield _sse({"error": {"message": f"Generation failed ({type(err).__name__}); the reply is incomplete.",
+        if gen.finish_reason is None:  # the client left or the stream failed: free the batch slot
+            gen.cancelled.set()
+        await tokens.aclose()
+    if failure is not None:
+        logger.warning("a stream failed: %s: %s", type(failure).__name__, failure)
+        yield _sse({"error": {"message": f"Generation failed ({type(failure).__name__}); the reply is incomplete.",
                               "type": "server_error", "param": None, "code": 500}})
         yield "data: [DONE]\n\n"
         return
-    reply = "".join(pieces).strip()
+    reply = service.decode(gen.tokens).strip()
     await asyncio.to_thread(service.persist, user, persona, message, reply, request.model)
-    service.metrics.completion_tokens += service.count_tokens(reply)
+    service.metrics.prompt_tokens += len(prompt)
+    service.metrics.completion_tokens += len(gen.tokens)
     yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": request.model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                "model": request.model, "choices": [{"index": 0, "delta": {}, "finish_reason": gen.finish_reason}]})
     yield "data: [DONE]\n\n"

@@ -1,95 +1,341 @@
-"""Dynamic batching: requests that arrive within a few milliseconds share one `generate` call."""
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One worker thread runs a manual decode loop over a shared KV cache (`DynamicCache`): a new request
+is prefilled alone (its prompt, persona tokens included: the model's embedding swaps them for the
+persona's soft vectors exactly as in `generate`) and its cache rows are merged into the running
+batch, left-padded to a common length; every step then decodes one token for every running
+request; a request that is done (an end-of-turn token, its own `max_new_tokens`) or whose caller
+has gone (a timeout, a closed stream) leaves the batch at once, and leading columns that only
+padding uses are trimmed. Each request keeps its own sampling settings (greedy or temperature /
+top-k / top-p, repetition penalty over its own prompt and tokens), so requests with different
+settings share steps.
+
+Greedy decoding gives the tokens `model.generate` gives for the same prompt alone (tested): the
+same logits processors, in the same order, on float32 logits; padding is masked out of attention.
+
+Failure isolation: choosing a request's token is done row by row, so a failure there (e.g. NaN
+probabilities) fails that request only; a failed prefill fails its request only; when a batched
+decode step fails, every running request goes back to the front of the queue with the tokens it
+has so far and is prefilled again alone, so only a request that fails alone fails.
+
+`lock` (held for each prefill and step) lets other threads edit the persona bank between steps;
+`FairLock` hands it over in arrival order, so an edit waits one step at most.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The batcher already holds `max_queue` waiting requests: the caller should retry later."""
+    """`max_queue` requests are already waiting: the caller should retry later."""
 
 
-class DynamicBatcher:
-    """`await batcher.submit(item)` -> result; the worker groups up to `max_batch` items that arrive
-    within `max_wait_ms` of the first and runs `fn(items) -> results` in a thread.
+class FairLock:
+    """A lock granted in arrival order (a ticket lock): the decode loop, which takes it again right
+    after each step, cannot starve a thread that waits to edit the persona bank."""
 
-    At most `max_queue` requests wait (QueueFull beyond that). When a batch fails, each of its
-    requests is run again alone, so one bad request fails only itself. Requests whose caller has
-    given up (a cancelled future) are dropped before they reach the model.
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+@dataclass
+class Generation:
+    """One request: its prompt (token ids) and settings in; its tokens and finish reason out."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 50  # as `generate` samples by default (GenerationConfig.top_k)
+    repetition_penalty: float = 1.0
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" (end of turn), "length", "error" or "cancelled"
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _loop: Any = field(default=None, repr=False)
+    _events: Any = field(default=None, repr=False)
+
+    def _send(self, kind: str, value: Any = None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the caller's event loop is closed: nobody waits for this request
+            self.cancelled.set()
+
+
+class ContinuousBatcher:
+    """`await batcher.submit(Generation(...))` -> the same object, finished; `async for token in
+    batcher.stream(gen)` yields each token as it is decoded.
+
+    At most `max_batch` requests decode together and at most `max_queue` wait (QueueFull beyond);
+    new requests are prefilled between steps, up to `prefill_tokens` prompt tokens at a time (at
+    least one request), so a burst of long prompts does not stall the running batch for long.
     """
 
-    def __init__(self, fn: Callable[[Sequence[Any]], list[Any]], max_batch: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 256) -> None:
-        self.fn, self.max_batch, self.max_wait, self.max_queue = fn, max_batch, max_wait_ms / 1000, max_queue
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.batch_sizes: list[int] = []
-        self.failures = 0
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, model: Any, lock: Any = None, max_batch: int = 16, max_queue: int = 64,
+                 eos_token_id: Optional[int | Sequence[int]] = None, prefill_tokens: int = 2048,
+                 idle_seconds: float = 30.0) -> None:
+        self.model, self.lock = model, lock if lock is not None else FairLock()
+        self.max_batch, self.max_queue, self.prefill_tokens = max(1, max_batch), max_queue, prefill_tokens
+        if eos_token_id is None:
+            eos_token_id = model.generation_config.eos_token_id
+        self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        self.idle_seconds = idle_seconds
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # running rows per step
+        self.failures = self.steps = 0
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._reset()
 
+    # -- the asyncio side -------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        """Requests waiting for the model (not counting the batch being generated)."""
-        return self.queue.qsize()
+        """Requests waiting to join the batch (not counting the running ones)."""
+        return len(self._waiting)
 
-    async def submit(self, item: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        # a new event loop (e.g. a test client per request, a restarted server) gets its own worker
-        if self._loop is not loop or self._task is None or self._task.done():
-            self._loop, self.queue = loop, asyncio.Queue()
-            self._task = loop.create_task(self._worker())
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.queue.qsize()} requests are already waiting")
-        future = loop.create_future()
-        self.queue.put_nowait((item, future))
-        return await future
+    @property
+    def running(self) -> int:
+        return len(self._rows)
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def stream(self, gen: Generation) -> AsyncIterator[int]:
+        gen._loop, gen._events = asyncio.get_running_loop(), asyncio.Queue()
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(gen)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="personaweave-decode")
+                self._thread.start()
+            self._cond.notify()
+        try:
+            while True:
+                kind, value = await gen._events.get()
+                if kind == "token":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:  # the caller left (timeout, closed stream): the worker drops the request at its next step
+            if gen.finish_reason is None:
+                gen.cancelled.set()
+
+    async def submit(self, gen: Generation) -> Generation:
+        async for _ in self.stream(gen):
+            pass
+        return gen
+
+    # -- the worker thread ------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._rows: list[Generation] = []
+        self._cache = self._mask = self._last = self._positions = None
+
+    def _run(self) -> None:
+        import torch
+
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            batch = [(item, future) for item, future in batch if not future.done()]  # callers gone: skip
-            if not batch:
-                continue
-            self.batch_sizes.append(len(batch))
-            self.batch_sizes[:] = self.batch_sizes[-1000:]
+            with self._cond:
+                while not self._waiting and not self._rows:
+                    if not self._cond.wait(self.idle_seconds) and not self._waiting:
+                        self._thread = None  # idle: the next request starts a new worker
+                        return
+                admitted, budget = [], self.prefill_tokens
+                while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                    gen = self._waiting[0]
+                    size = len(gen.prompt) + len(gen.tokens)
+                    if admitted and size > budget:
+                        break
+                    self._waiting.popleft()
+                    if gen.cancelled.is_set():
+                        gen.finish_reason = "cancelled"
+                        continue
+                    admitted.append(gen)
+                    budget -= size
             try:
-                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
-            except Exception as err:
-                if len(batch) == 1:
-                    self.failures += 1
-                    if not batch[0][1].done():
-                        batch[0][1].set_exception(err)
-                    continue
-                logger.warning("a batch of %d failed (%s: %s); running its requests one by one",
-                               len(batch), type(err).__name__, err)
-                for item, future in batch:  # isolate the failure: only the bad request fails
-                    if future.done():
-                        continue
-                    try:
-                        result = (await asyncio.to_thread(self.fn, [item]))[0]
-                    except Exception as one:
-                        self.failures += 1
-                        if not future.done():
-                            future.set_exception(one)
-                        continue
-                    if not future.done():
-                        future.set_result(result)
+                with self.lock, torch.inference_mode():
+                    for gen in admitted:
+                        self._prefill(gen)
+                    self._drop_cancelled()
+                    if self._rows:
+                        self._step()
+            except Exception as err:  # noqa: BLE001  (a bug here must not leave callers waiting forever)
+                logger.exception("the decode loop failed; failing its running requests")
+                for gen in self._rows:
+                    self._fail(gen, err)
+                self._reset()
+
+    def _prefill(self, gen: Generation) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        ids = torch.tensor([list(gen.prompt) + gen.tokens], dtype=torch.long, device=device)
+        length = ids.shape[1]
+        positions = torch.arange(length, device=device)
+        cache = DynamicCache()
+        try:
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions[None],
+                             cache_position=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = self._choose(gen, out.logits[:, -1])
+        except Exception as err:  # noqa: BLE001  (this request alone)
+            self._fail(gen, err)
+            return
+        if not self._advance(gen, token):
+            self._join(gen, out.past_key_values, torch.ones_like(ids), token, length)
+
+    def _step(self) -> None:
+        import torch
+
+        rows, device = self._rows, self.model.device
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        try:
+            out = self.model(input_ids=self._last, attention_mask=mask, position_ids=self._positions[:, None],
+                             cache_position=torch.tensor([self._mask.shape[1]], device=device),
+                             past_key_values=self._cache, use_cache=True)
+        except Exception as err:  # noqa: BLE001
+            # which request broke the batch is unknown: each goes back to the front of the queue with its
+            # tokens so far and is prefilled alone (which also decodes its next token), so only it fails
+            logger.warning("a decode step of %d failed (%s: %s); retrying its requests one by one",
+                           len(rows), type(err).__name__, err)
+            with self._cond:
+                self._waiting.extendleft(reversed(rows))
+            self._reset()
+            return
+        self.steps += 1
+        self.batch_sizes.append(len(rows))
+        self._mask, self._positions = mask, self._positions + 1
+        logits = out.logits[:, -1]
+        keep, tokens = [], []
+        for i, gen in enumerate(rows):
+            try:
+                token = self._choose(gen, logits[i:i + 1])
+            except Exception as err:  # noqa: BLE001  (this request alone)
+                self._fail(gen, err)
                 continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            if not self._advance(gen, token):
+                keep.append(i)
+                tokens.append(token)
+        if len(keep) < len(rows):
+            self._select(keep)
+        if self._rows:
+            self._last = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+
+    def _choose(self, gen: Generation, logits) -> int:
+        """The next token from (1, V) logits with the request's settings: `generate`'s processors, in
+        `generate`'s order, on float32 scores."""
+        import torch
+        from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        scores = logits.to(dtype=torch.float32)
+        ids = torch.tensor([list(gen.prompt) + gen.tokens], dtype=torch.long, device=scores.device)
+        if gen.repetition_penalty != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(gen.repetition_penalty)(ids, scores)
+        if not gen.temperature:
+            return int(scores.argmax(-1))
+        scores = TemperatureLogitsWarper(gen.temperature)(ids, scores)
+        if gen.top_k:
+            scores = TopKLogitsWarper(gen.top_k)(ids, scores)
+        if gen.top_p < 1.0:
+            scores = TopPLogitsWarper(gen.top_p)(ids, scores)
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+
+    def _advance(self, gen: Generation, token: int) -> bool:
+        """Record `token`; True when the request is finished (it has then left, or never joins, the batch)."""
+        if gen.cancelled.is_set():
+            gen.finish_reason = "cancelled"
+            return True
+        if token in self.eos:
+            return self._finish(gen, "stop")
+        gen.tokens.append(token)
+        gen._send("token", token)
+        if len(gen.tokens) >= gen.max_new_tokens:
+            return self._finish(gen, "length")
+        return False
+
+    def _finish(self, gen: Generation, reason: str) -> bool:
+        gen.finish_reason = reason
+        gen._send("done")
+        return True
+
+    def _fail(self, gen: Generation, err: BaseException) -> None:
+        self.failures += 1
+        gen.finish_reason = "error"
+        gen._send("error", err)
+
+    def _join(self, gen: Generation, cache, mask, token: int, length: int) -> None:
+        """Merge a prefilled request's cache rows into the running batch (left-padded to one length)."""
+        import torch
+        import torch.nn.functional as F
+
+        device = mask.device
+        if not self._rows:
+            self._cache, self._mask = cache, mask
+            self._last = torch.tensor([[token]], dtype=torch.long, device=device)
+            self._positions = torch.tensor([length], dtype=torch.long, device=device)
+            self._rows = [gen]
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
+        for old, new in zip(self._cache.layers, cache.layers):  # (B, heads, T, head_dim)
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        self._last = torch.cat([self._last, torch.tensor([[token]], dtype=torch.long, device=device)])
+        self._positions = torch.cat([self._positions, torch.tensor([length], dtype=torch.long, device=device)])
+        self._rows.append(gen)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows; drop the leading columns that are padding in every remaining row."""
+        import torch
+
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # first column some row uses
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._positions = self._positions.index_select(0, index)
+        self._last = self._last.index_select(0, index)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for i, gen in enumerate(self._rows):
+            if gen.cancelled.is_set():
+                gen.finish_reason = "cancelled"
+            else:
+                keep.append(i)
+        if len(keep) < len(self._rows):
+            self._select(keep)
