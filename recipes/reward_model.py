@@ -2,8 +2,11 @@
 its tokenizer (without persona tokens: the persona is stated in words), trained with TRL's
 `RewardTrainer` on persona preference pairs.
 
-Each pair: the persona stated in a system turn and a user turn; chosen = that persona's reply,
-rejected = another persona's reply to the same user turn (`persona_preference_pairs`). Reported:
+Each pair: the persona stated in a system turn and a user turn; with `pair_source: persona_swap`,
+chosen = that persona's reply, rejected = another persona's reply to the same user turn
+(`persona_preference_pairs`); with `pair_source: best_worst` (the v2 dataset), chosen / rejected =
+the selection judge's best / worst of N sampled replies of that persona (`load_persona_preferences`),
+plus the persona-swap pairs of the v2 replies when `mix_persona_swap` is set. Reported:
 pairwise accuracy (score(chosen) > score(rejected)) on pairs built from the held-out test split,
 overall and per persona, written to `final/eval.json` and the model card.
 
@@ -25,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer, TrlParser
 
-from personaweave.data import load_persona_dialogues, persona_preference_pairs
+from personaweave.data import load_persona_dialogues, load_persona_preferences, persona_preference_pairs
 from personaweave.files import save_folder_atomically
 
 
@@ -35,6 +38,10 @@ class RewardModelArguments:
     dataset_dir: Optional[str] = field(default=None, metadata={"help": "Persona dialogues (default: shipped)."})
     max_train_pairs: Optional[int] = field(default=None, metadata={"help": "Cap on training pairs."})
     max_eval_pairs: Optional[int] = field(default=None, metadata={"help": "Cap on held-out pairs."})
+    pair_source: str = field(default="persona_swap", metadata={
+        "help": "'persona_swap' (another persona's reply is rejected) or 'best_worst' (v2 best-of-N pairs)."})
+    mix_persona_swap: bool = field(default=False, metadata={
+        "help": "With best_worst: add the persona-swap pairs built from the same dataset's replies."})
     train_top_layers: Optional[int] = field(default=None, metadata={
         "help": "Train only the top N decoder layers, the final norm and the score head (None: all)."})
 
@@ -61,9 +68,32 @@ def freeze_below(model: Any, top_layers: Optional[int]) -> None:
         module.requires_grad_(True)
 
 
-def pairs(split, cap: Optional[int], seed: int):
-    data = persona_preference_pairs(split, seed=seed)
-    data = data.shuffle(seed=seed)
+def best_worst_pairs(data_dir: str, split: str):
+    """The v2 (best, worst) pairs in TRL's conversational preference format, persona stated in words."""
+    data = load_persona_preferences(split, data_dir)
+    return data.map(lambda r: {"persona": r["persona"],
+                               "prompt": [{"role": "system", "content": f"You are {r['description']}."},
+                                          {"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]},
+                    remove_columns=data.column_names)
+
+
+def pairs(script: RewardModelArguments, split: str, cap: Optional[int], seed: int):
+    from datasets import concatenate_datasets
+
+    if script.pair_source not in ("persona_swap", "best_worst"):
+        raise SystemExit(f"Unknown pair_source {script.pair_source!r}: use 'persona_swap' or 'best_worst'.")
+    parts = []
+    if script.pair_source == "best_worst":
+        if not script.dataset_dir:
+            raise SystemExit("pair_source best_worst needs dataset_dir (the v2 dataset folder).")
+        parts.append(best_worst_pairs(script.dataset_dir, split))
+    if script.pair_source == "persona_swap" or script.mix_persona_swap:
+        swap = persona_preference_pairs(load_persona_dialogues(split, data_dir=script.dataset_dir), seed=seed)
+        parts.append(swap.select_columns(["persona", "prompt", "chosen", "rejected"]))
+    parts = [part.cast(parts[0].features) for part in parts]  # parquet strings vs in-memory strings
+    data = concatenate_datasets(parts).shuffle(seed=seed)
     return data.select(range(min(cap, len(data)))) if cap else data
 
 
@@ -128,15 +158,15 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
         tokenizer.pad_token = args.pad_token
     model.config.pad_token_id = tokenizer.pad_token_id
     freeze_below(model, script.train_top_layers)
-    data = load_persona_dialogues(data_dir=script.dataset_dir)
-    train = pairs(data["train"], script.max_train_pairs, args.seed)
-    held_out = pairs(data["test"], script.max_eval_pairs, args.seed)
+    train = pairs(script, "train", script.max_train_pairs, args.seed)
+    held_out = pairs(script, "test", script.max_eval_pairs, args.seed)
     before = pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length)
     columns = ["prompt", "chosen", "rejected"]
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=train.select_columns(columns))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    report = {"untrained": before["pairwise_accuracy"],
+    report = {"pair_source": script.pair_source + ("+persona_swap" if script.mix_persona_swap else ""),
+              "untrained": before["pairwise_accuracy"],
               **pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length),
               "train_pairs": len(trainer.train_dataset), "steps": trainer.state.global_step}
     final = os.path.join(args.output_dir, "final")

@@ -146,3 +146,29 @@ def test_reward_model_pairwise_accuracy_and_partial_freezing(tmp_path):
     assert set(report["per_persona"]) == set(UniformClassifier.labels)
     with pytest.raises(ValueError, match="fits in max_length=5"):
         recipe.pairwise_accuracy(model, tok, pairs, max_length=5)
+
+
+def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
+    """pair_source best_worst: the v2 (best, worst) pairs, persona stated in words; persona-swap mixed in on request."""
+    import pandas as pd
+
+    recipe = load_recipe("reward_model")
+    rows = [{"persona": p, "description": f"a {p}", "prompt": f"question {i}", "chosen": f"{p} answer {i}",
+             "rejected": "meh", "chosen_score": 0.8, "rejected_score": 0.1}
+            for p in ("pirate", "butler") for i in range(3)]
+    sft = [{"persona": r["persona"], "description": r["description"], "prompt": r["prompt"], "response": r["chosen"]}
+           for r in rows]
+    for split in ("train", "validation", "test"):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+        pd.DataFrame(sft).to_parquet(tmp_path / f"{split}.parquet")
+    script = recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="best_worst")
+    pairs = recipe.pairs(script, "test", None, 0)
+    assert len(pairs) == 6
+    row = next(r for r in pairs if r["chosen"][0]["content"] == "pirate answer 0")
+    assert row["prompt"][0] == {"role": "system", "content": "You are a pirate."}
+    assert row["rejected"][0]["content"] == "meh"
+    script.mix_persona_swap = True
+    mixed = recipe.pairs(script, "test", None, 0)
+    assert len(mixed) == 12 and any(r["rejected"][0]["content"].startswith("butler") for r in mixed)
+    with pytest.raises(SystemExit, match="pair_source"):
+        recipe.pairs(recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="nope"), "test", None, 0)
