@@ -57,7 +57,7 @@ def main() -> None:
             results[batching] = seconds
             print(json.dumps({"name": "service_burst", "batching": batching, "users": args.users,
                               "seconds": round(seconds, 2), "requests_per_s": round(args.users / seconds, 2),
-                              "batch_sizes": service.batcher.batch_sizes}), flush=True)
+                              "batch_sizes": list(service.batcher.batch_sizes)}), flush=True)
     print(json.dumps({"name": "service_batching_speedup", "ratio": round(results[False] / results[True], 2)}))
 
 

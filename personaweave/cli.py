@@ -351,6 +351,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{len(keys)} API key(s), each its own tenant" if keys else
         "no API keys: loopback only, without authentication"), file=sys.stderr, flush=True)
     model, tokenizer = _load(args)
+    if args.dtype != "float32" or args.threads:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model.to(getattr(torch, args.dtype))
     adapter = None
     if args.adaptive:
         from personaweave.serving.adaptation.engine import TraitAdaptationEngine
@@ -361,6 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = PersonaService(model, tokenizer, Storage(args.db, synchronous=args.sqlite_synchronous),
                              memory=None if args.no_memory else Memory(),
                              adapter=adapter, max_new_tokens=args.max_new_tokens, batching=not args.no_batching,
+                             max_batch=args.max_batch,
                              experiment=experiment, experiment_name=args.ab_name, pool_size=args.pool_size,
                              max_queue=args.max_queue, max_streams=args.max_streams,
                              request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens)
@@ -510,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations; bfloat16 is faster on CPUs with AMX and on GPUs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help="an accepted API key (repeatable; each key is its own tenant of users). Also "
                         "--api-key-file and the PERSONAWEAVE_API_KEYS variable (comma-separated). Without any "

@@ -178,3 +178,19 @@ def test_fair_lock_serves_in_arrival_order():
     for t in threads:
         t.join(5)
     assert order == [0, 1, 2]
+
+
+def test_serve_dtype_and_max_batch_options(monkeypatch, tmp_path):
+    import uvicorn
+
+    from personaweave import cli
+
+    model, tok = tiny_persona_model()
+    calls = []
+    monkeypatch.setattr(cli, "_load", lambda args: (model, tok))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    monkeypatch.delenv("PERSONAWEAVE_API_KEYS", raising=False)
+    assert cli.main(["serve", "--db", f"sqlite:///{tmp_path}/s.sqlite", "--no-memory", "--dtype", "bfloat16",
+                     "--max-batch", "3"]) == 0
+    service = calls[-1].state.service
+    assert model.dtype == torch.bfloat16 and service.batcher.max_batch == 3
