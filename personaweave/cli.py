@@ -175,7 +175,7 @@ def cmd_eval_benchmark(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise UsageError("--benchmark convai2 needs --data: the ParlAI ConvAI2 file or its folder, e.g. "
-                         "../shared/data/convai2_personachat (valid_self_original_no_cands.txt).")
+                         "the folder holding valid_self_original_no_cands.txt (convai2_personachat).")
     try:
         path = resolve_convai2_path(args.data)
     except FileNotFoundError as err:
