@@ -2,15 +2,22 @@
 
 Each user holds a multi-turn conversation (send, wait for the reply, send the next turn). The
 server runs as a subprocess (the real CLI, the shipped model, SQLite WAL, long-term memory on),
-once with dynamic batching and once without; reported per run: p50/p95 latency, requests/s,
-completion tokens/s, error count. The last line compares the two runs (ratios, same machine).
+once per configuration; reported per run: p50/p95 latency, requests/s, completion tokens/s, error
+count. The last lines compare each configuration with the first (ratios, same machine, same run).
+
+A configuration is `NAME[@CODE_DIR]:SERVE ARGS`: the server's extra arguments, and optionally a
+folder holding another version of the code (e.g. `git archive OLD | tar -x -C /tmp/old`), which the
+server then runs from instead of this checkout. `--rounds 2` runs the configurations in turn twice
+(A B A B), so a slow drift of the machine's load does not favour one of them.
+Default: `--config no-batching:--no-batching --config batching:`.
 
 With `--malformed_every 10`, every 10th request of each user is malformed (a lone surrogate, a
 tiny temperature, a NaN blend weight, n=3, a prompt over the context window, in turn): those must
 get a 4xx, and the good requests must not fail. `--api_key` runs the server with a key.
 
     python benchmarks/load.py [--users 16] [--seconds 60] [--max_new_tokens 32] [--malformed_every 10]
-                              [--only batching|no-batching] [--api_key KEY]
+                              [--only batching|no-batching] [--api_key KEY] [--rounds 1]
+                              [--config "old@/tmp/old:" --config "new:--dtype bfloat16"]
 """
 
 from __future__ import annotations
@@ -109,13 +116,27 @@ async def run_load(url: str, users: int, seconds: float, malformed_every: int = 
             "completion_tokens_per_s": round(sum(tokens) / elapsed, 1)}
 
 
-def start_server(port: int, db: str, batching: bool, max_new_tokens: int, model: str | None,
-                 api_key: str | None = None) -> subprocess.Popen:
+def start_server(port: int, db: str, extra: list[str], max_new_tokens: int, model: str | None,
+                 api_key: str | None = None, code: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "personaweave.cli", "serve", "--port", str(port), "--db", db,
-           "--max-new-tokens", str(max_new_tokens)] + ([] if batching else ["--no-batching"])
+           "--max-new-tokens", str(max_new_tokens)] + extra
     cmd += ["--model", model] if model else []
     cmd += ["--api-key", api_key] if api_key else []
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if code:  # another version of the code: it comes first on the path (before the editable install)
+        env["PYTHONPATH"] = os.path.abspath(code) + os.pathsep + env.get("PYTHONPATH", "")
+    log = open(db.replace("sqlite:///", "") + ".log", "w")  # a file, not a pipe: a full pipe would block the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env,
+                            cwd=os.path.abspath(code) if code else None)
+    proc.log_path = log.name
+    return proc
+
+
+def parse_config(text: str) -> tuple[str, str | None, list[str]]:
+    """`NAME[@CODE_DIR]:ARGS` -> (name, code folder or None, serve arguments)."""
+    head, _, args = text.partition(":")
+    name, _, code = head.partition("@")
+    return name, code or None, args.split()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -124,7 +145,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            with open(proc.log_path) as log:
+                raise RuntimeError(f"server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code in (200, 404):  # up (404: a server before /health)
                 return
@@ -141,32 +163,51 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--model", help="model folder (default: the shipped checkpoint)")
     parser.add_argument("--malformed_every", type=int, default=0, help="every Nth request is malformed (0: none)")
-    parser.add_argument("--only", choices=["batching", "no-batching"], help="run one configuration only")
+    parser.add_argument("--only", choices=["batching", "no-batching"], help="run one of the default configurations")
+    parser.add_argument("--config", action="append", metavar="NAME[@CODE_DIR]:ARGS",
+                        help="a server configuration (repeatable; see the docstring)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations in turn this many times")
     parser.add_argument("--api_key", help="start the server with this API key and send it")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args()
-    results = {}
-    configs = {"batching": (True,), "no-batching": (False,), None: (False, True)}[args.only]
+    configs = [parse_config(c) for c in args.config] if args.config else \
+        [parse_config(c) for c in ("no-batching:--no-batching", "batching:") if not args.only or c.startswith(
+            args.only + ":")]
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+
+    def emit(line: dict) -> None:
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
-        for batching in configs:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            proc = start_server(port, f"sqlite:///{tmp}/{batching}.db", batching, args.max_new_tokens, args.model,
-                                args.api_key)
-            try:
-                wait_ready(url, proc)
-                asyncio.run(run_load(url, 2, 3, api_key=args.api_key))  # warm-up
-                results[batching] = run_load_result = asyncio.run(run_load(
-                    url, args.users, args.seconds, args.malformed_every, args.api_key))
-                print(json.dumps({"name": "service_load", "batching": batching, "users": args.users,
-                                  "max_new_tokens": args.max_new_tokens, "malformed_every": args.malformed_every,
-                                  **run_load_result}), flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-    if len(results) == 2 and results[False]["requests"] and results[True]["requests"]:
-        print(json.dumps({"name": "service_load_batching_ratio",
-                          "requests_per_s": round(results[True]["requests_per_s"] / results[False]["requests_per_s"], 2),
-                          "p50_latency": round(results[True]["p50_s"] / results[False]["p50_s"], 2)}))
+        for round_ in range(args.rounds):
+            for name, code, extra in configs:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = start_server(port, f"sqlite:///{tmp}/{name}-{round_}.db", extra, args.max_new_tokens,
+                                    args.model, args.api_key, code)
+                try:
+                    wait_ready(url, proc)
+                    asyncio.run(run_load(url, 2, 3, api_key=args.api_key))  # warm-up
+                    result = asyncio.run(run_load(url, args.users, args.seconds, args.malformed_every, args.api_key))
+                    results[name].append(result)
+                    emit({"name": "service_load", "config": name, "code": code or "this checkout", "serve_args": extra,
+                          "round": round_, "users": args.users, "max_new_tokens": args.max_new_tokens,
+                          "malformed_every": args.malformed_every, **result})
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+    first = configs[0][0]
+    base = sum(r["completion_tokens_per_s"] for r in results[first])
+    for name, _, _ in configs[1:]:
+        total = sum(r["completion_tokens_per_s"] for r in results[name])
+        if base and total:
+            emit({"name": "service_load_ratio", "config": name, "versus": first, "rounds": args.rounds,
+                  "completion_tokens_per_s": round(total / base, 2),
+                  "requests_per_s": round(sum(r["requests_per_s"] for r in results[name])
+                                          / max(1e-9, sum(r["requests_per_s"] for r in results[first])), 2)})
 
 
 if __name__ == "__main__":
