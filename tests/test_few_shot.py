@@ -118,3 +118,48 @@ def test_seq2seq_fit_and_remote_code_round_trip(tmp_path):
     assert loaded.config.few_shot_init == [0.5] * causal.config.persona_dim
     assert loaded.config.persona_names[-1] == "sailor"
     torch.testing.assert_close(loaded.persona_vectors, causal.persona_vectors)
+
+
+TASKS = [["arr matey , the sea !", "ahoy , the ship !", "arr , a ship , matey .", "the sea ! arr .", "ahoy ahoy , arr .",
+          "matey , the ship , arr !", "arr arr , the sea .", "ahoy , matey !"],
+         ["arr , the sea is good .", "ahoy matey , a ship .", "the ship , arr , the sea .", "matey ! ahoy !",
+          "arr , ahoy , the ship .", "a sea , a ship , arr .", "ahoy , the sea , matey .", "arr matey !"]]
+HELD_OUT = ["ahoy , the sea , arr !", "matey , a ship !", "arr , the ship , ahoy .", "the sea , matey , arr .",
+            "ahoy arr , a ship .", "arr ! the sea !", "matey ahoy , the ship .", "a ship , arr , matey ."]
+
+
+@pytest.mark.parametrize("method", ["fomaml", "reptile"])
+def test_meta_learned_init_adapts_better_than_the_plain_one(method):
+    """First-order MAML (the default) must beat the plain start on a held-out task; Reptile is only checked
+    for its mechanics here (with Adam steps in the inner loop it overshoots on this toy, see the report)."""
+    from personaweave.training.meta_learning import meta_learn_persona_init
+
+    model, tok = responsive_persona_model()
+    names = list(model.config.persona_names)
+    model.config.few_shot_steps, model.config.few_shot_lr = 3, 0.05
+    plain = model.few_shot_init_vector()
+    meta = meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, meta_steps=25, tasks_per_step=2, meta_lr=0.1,
+                                   method=method, log=lambda m: None)
+    assert model.config.persona_names == names  # the scratch persona is gone again
+    assert not torch.equal(meta, plain)
+
+    def held_out_loss(init):
+        model.add_persona("probe", vector=init, tokenizer=tok)
+        adapted = model.fit_persona_vector("probe", HELD_OUT[:5], tok, init=init)
+        with torch.no_grad():
+            loss = float(model.persona_loss("probe", adapted, model.few_shot_batch("probe", HELD_OUT[5:], tok)))
+        model.remove_persona("probe")
+        return loss
+
+    if method == "fomaml":
+        assert held_out_loss(meta) < held_out_loss(plain) - 0.05
+
+
+def test_meta_learning_needs_tasks_with_enough_lines():
+    from personaweave.training.meta_learning import meta_learn_persona_init
+
+    model, tok = responsive_persona_model()
+    with pytest.raises(ValueError, match="k \\+ n_query = 10"):
+        meta_learn_persona_init(model, tok, [LINES], k=5, n_query=5, meta_steps=1)
+    with pytest.raises(ValueError, match="fomaml"):
+        meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, method="maml2")

@@ -248,3 +248,103 @@ def few_shot_mse(head: TraitHead, task: TraitTask, k: int, steps: int, lr: float
     adapted = adapt(head, sx, sy, steps, lr) if steps else head
     with torch.no_grad():
         return float(nn.functional.mse_loss(adapted(qx), qy))
+
+
+# --- Few-shot personas: a meta-learned starting vector ------------------------------------------
+#
+# `add_persona(name, examples=[...])` fits a new persona's vector to its example lines by a few Adam steps
+# (`fit_persona_vector`, the model's weights untouched). Where those steps start matters: here the start is
+# meta-learned over training personas, each a task whose support set is k of its lines and whose query set
+# is other lines of the same persona. First-order MAML applies the query gradient at the adapted vector to
+# the start; Reptile moves the start towards the adapted vector. The inner loop is the model's own, so
+# what is meta-learned is exactly what `add_persona` runs.
+
+
+class PersonaInit(nn.Module):
+    """The meta-parameter: one persona vector (what `config.few_shot_init` stores)."""
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(vector.detach().float().clone())
+
+
+def sample_support_query(lines: Sequence[str], k: int, n_query: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    if len(lines) < k + n_query:
+        raise ValueError(f"A task needs at least k + n_query = {k + n_query} lines; it has {len(lines)}.")
+    picked = rng.sample(list(lines), k + n_query)
+    return picked[:k], picked[k:]
+
+
+def meta_learn_persona_init(model: nn.Module, tokenizer, tasks: Sequence[Sequence[str]], *, k: int = 5,
+                            n_query: int = 5, meta_steps: int = 50, tasks_per_step: int = 2, meta_lr: float = 0.05,
+                            inner_steps: int | None = None, inner_lr: float | None = None, method: str = "fomaml",
+                            init: torch.Tensor | None = None, seed: int = 0, log=print) -> torch.Tensor:
+    """A starting vector for few-shot personas, meta-learned over `tasks` (each: one persona's lines) in a
+    custom Accelerate loop. Returns it; store it as `model.config.few_shot_init` to make it the default.
+
+    The model's weights are not trained (each process holds the same frozen model); with several processes
+    the meta-gradient is averaged across them."""
+    from accelerate import Accelerator
+
+    if method not in ("fomaml", "reptile"):
+        raise ValueError(f"method must be 'fomaml' or 'reptile', got {method!r}.")
+    tasks = [list(t) for t in tasks if len(t) >= k + n_query]
+    if not tasks:
+        raise ValueError(f"No task has the k + n_query = {k + n_query} lines a meta step needs.")
+    accelerator = Accelerator()
+    rng = random.Random(seed + accelerator.process_index)
+    start = PersonaInit(model.few_shot_init_vector() if init is None else init)
+    optimizer = torch.optim.Adam(start.parameters(), lr=meta_lr)
+    start, optimizer = accelerator.prepare(start, optimizer)
+    module = accelerator.unwrap_model(start)
+    scratch = "fewshot-meta-scratch"
+    if scratch not in model.config.persona_names:
+        model.add_persona(scratch, vector=module.vector.detach().cpu(), tokenizer=tokenizer)
+    try:
+        for step in range(meta_steps):
+            grad = torch.zeros_like(module.vector)
+            query_losses = []
+            for _ in range(tasks_per_step):
+                support, query = sample_support_query(rng.choice(tasks), k, n_query, rng)
+                adapted = model.fit_persona_vector(scratch, support, tokenizer, init=module.vector.detach(),
+                                                   steps=inner_steps, lr=inner_lr)
+                if method == "reptile":
+                    grad += (module.vector.detach() - adapted.to(grad)) / tasks_per_step
+                    continue
+                adapted = adapted.clone().requires_grad_(True)
+                loss = model.persona_loss(scratch, adapted, model.few_shot_batch(scratch, query, tokenizer))
+                (g,) = torch.autograd.grad(loss, [adapted])  # first order: the query gradient at the adapted point
+                grad += g.to(grad) / tasks_per_step
+                query_losses.append(float(loss.detach()))
+            module.vector.grad = accelerator.reduce(grad, reduction="mean") if accelerator.num_processes > 1 else grad
+            optimizer.step()
+            optimizer.zero_grad()
+            if query_losses:
+                log(f"meta step {step + 1}/{meta_steps}: query loss after adaptation {np.mean(query_losses):.4f}")
+    finally:
+        model.remove_persona(scratch)
+    return module.vector.detach().cpu()
+
+
+def lines_batch(model: nn.Module, tokenizer, system: str, lines: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`lines` as replies after a plain system turn `system` ("" for none), in the layout of `few_shot_batch`
+    (system turn, then the line as the reply): the baselines without persona tokens (no persona, few-shot
+    prompt)."""
+    from personaweave.models.modeling_personaweave import end_of_turn_ids
+
+    text = tokenizer.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=True,
+                                         tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    end = end_of_turn_ids(tokenizer)
+    rows = [prompt + t + end for t in tokenizer(list(lines), add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+        labels[i, len(prompt):len(row)] = torch.tensor(row[len(prompt):])
+    device = next(model.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
