@@ -34,9 +34,9 @@ class PersonaWeaveConfig(PretrainedConfig):
             Starting vector when `add_persona(name, examples=[...])` fits a persona from example lines
             (meta-learned by `personaweave.training.meta_learning.meta_learn_persona_init`). Default: the
             mean of the bank's vectors.
-        few_shot_steps (`int`, *optional*, defaults to 8):
+        few_shot_steps (`int`, *optional*, defaults to 5):
             Gradient steps (Adam on the persona vector alone) of that fit.
-        few_shot_lr (`float`, *optional*, defaults to 0.05):
+        few_shot_lr (`float`, *optional*, defaults to 0.08):
             Learning rate of that fit.
     """
 
@@ -51,8 +51,8 @@ class PersonaWeaveConfig(PretrainedConfig):
         persona_hidden_size: int = 512,
         personas: Optional[list[dict[str, Any]]] = None,
         few_shot_init: Optional[list[float]] = None,
-        few_shot_steps: int = 8,
-        few_shot_lr: float = 0.05,
+        few_shot_steps: int = 5,
+        few_shot_lr: float = 0.08,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
