@@ -85,7 +85,8 @@ async def attacks(url: str, results: list) -> None:
         for i in range(40):
             await c.post("/v1/chat/completions", json=body(model=f"blend:pirate={i + 1},butler=1", max_tokens=1),
                          headers=A)
-        after_models = len((await c.get("/v1/models", headers=A)).json()["data"])
+        listed = [m["id"] for m in (await c.get("/v1/models", headers=A)).json()["data"]]
+        after_models = len(listed)
         r80 = (await c.post("/v1/chat/completions", json=body(model="blend:pirate=0.004,butler=0.001"),
                             headers=A)).json()["system_fingerprint"]
         r50 = (await c.post("/v1/chat/completions", json=body(model="blend:pirate=0.001,butler=0.001"),
@@ -94,6 +95,16 @@ async def attacks(url: str, results: list) -> None:
         bank = next(line for line in metrics.splitlines() if line.startswith("personaweave_bank_size"))
         report("40 blends: bounded bank; 80/20 != 50/50", after_models - before <= args.pool_size and r80 != r50,
                models_before=before, models_after=after_models, bank=bank, blend_80_20=r80, blend_50_50=r50)
+        report("/v1/models offers no internal pool slot", not any(m.startswith("pool-") for m in listed)
+               and after_models == before, models=listed)
+
+        for i in range(3):  # key A's users rate the A/B experiment; key B must not see them
+            await c.post("/v1/chat/completions", json=body(model="ab", user=f"ab{i}", max_tokens=1), headers=A)
+            await c.post("/v1/feedback", json={"user": f"ab{i}", "rating": "up"}, headers=A)
+        seen_a = (await c.get("/v1/experiments/persona-ab", headers=A)).json()
+        seen_b = (await c.get("/v1/experiments/persona-ab", headers=B)).json()
+        report("A/B report per key", sum(seen_a["ratings"].values()) == 3 and sum(seen_b["ratings"].values()) == 0,
+               ratings_a=seen_a["ratings"], ratings_b=seen_b["ratings"])
 
         await c.post("/v1/chat/completions", json=body(user="team/alice"), headers=A)
         codes = [(await c.get("/v1/users/team/alice", headers=A)).status_code,
@@ -115,7 +126,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "personaweave.cli", "serve", "--port", str(port), "--db",
                f"sqlite:///{tmp}/a.db", "--max-new-tokens", "8", "--api-key", KEY_A, "--api-key", KEY_B,
-               "--pool-size", str(args.pool_size)] + (["--model", args.model] if args.model else [])
+               "--pool-size", str(args.pool_size), "--ab-test", "pirate=0.5", "butler=0.5"] + (
+            ["--model", args.model] if args.model else [])
         refused = subprocess.run(cmd[:3] + ["serve", "--host", "0.0.0.0", "--port", str(port)], capture_output=True,
                                  text=True, timeout=120, env={**os.environ, "PERSONAWEAVE_API_KEYS": ""})
         results.append(refused.returncode != 0)

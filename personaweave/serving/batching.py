@@ -1,9 +1,9 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
-One worker thread runs a manual decode loop over a shared KV cache (`DynamicCache`): a new request
-is prefilled alone (its prompt, persona tokens included: the model's embedding swaps them for the
-persona's soft vectors exactly as in `generate`) and its cache rows are merged into the running
-batch, left-padded to a common length; every step then decodes one token for every running
+One worker thread runs a manual decode loop over a shared KV cache (`DynamicCache`): new requests
+are prefilled together with others of similar length (their prompts, persona tokens included: the
+model's embedding swaps them for the persona's soft vectors exactly as in `generate`) and their
+cache rows are merged into the running batch, left-padded to a common length; every step then decodes one token for every running
 request; a request that is done (an end-of-turn token, its own `max_new_tokens`) or whose caller
 has gone (a timeout, a closed stream) leaves the batch at once, and leading columns that only
 padding uses are trimmed. Each request keeps its own sampling settings (greedy or temperature /
@@ -11,10 +11,12 @@ top-k / top-p, repetition penalty over its own prompt and tokens), so requests w
 settings share steps.
 
 Greedy decoding gives the tokens `model.generate` gives for the same prompt alone (tested): the
-same logits processors, in the same order, on float32 logits; padding is masked out of attention.
+same logits processors, in the same order, on float32 logits; padding is masked out of attention
+(and positions count real tokens only), so it changes the numbers at rounding level at most.
 
 Failure isolation: choosing a request's token is done row by row, so a failure there (e.g. NaN
-probabilities) fails that request only; a failed prefill fails its request only; when a batched
+probabilities) fails that request only; a failed group prefill is retried request by request, so
+it fails only the request that fails alone; when a batched
 decode step fails, every running request goes back to the front of the queue with the tokens it
 has so far and is prefilled again alone, so only a request that fails alone fails.
 
@@ -179,36 +181,71 @@ class ContinuousBatcher:
                     admitted.append(gen)
                     budget -= size
             try:
-                with self.lock, torch.inference_mode():
-                    for gen in admitted:
-                        self._prefill(gen)
-                    self._drop_cancelled()
-                    if self._rows:
-                        self._step()
+                with torch.inference_mode():
+                    for group in self._groups(admitted):  # the lock is let go between prefills (bank edits)
+                        with self.lock:
+                            self._prefill(group)
+                    with self.lock:
+                        self._drop_cancelled()
+                        if self._rows:
+                            self._step()
             except Exception as err:  # noqa: BLE001  (a bug here must not leave callers waiting forever)
                 logger.exception("the decode loop failed; failing its running requests")
                 for gen in self._rows:
                     self._fail(gen, err)
                 self._reset()
 
-    def _prefill(self, gen: Generation) -> None:
+    def _groups(self, admitted: list[Generation]) -> list[list[Generation]]:
+        """Newcomers prefilled together: similar lengths (by length, a group's shortest at least 3/4 of its
+        longest), so little of a group's forward pass is spent on padding."""
+        size = lambda g: len(g.prompt) + len(g.tokens)  # noqa: E731
+        groups: list[list[Generation]] = []
+        for gen in sorted(admitted, key=size, reverse=True):
+            if groups and 4 * size(gen) >= 3 * size(groups[-1][0]):
+                groups[-1].append(gen)
+            else:
+                groups.append([gen])
+        return groups
+
+    def _prefill(self, group: list[Generation]) -> None:
+        """One forward pass over the newcomers' prompts (left-padded), their first tokens, and their cache
+        rows into the running batch. When a group fails, each of its requests is prefilled alone."""
         import torch
         from transformers import DynamicCache
 
         device = self.model.device
-        ids = torch.tensor([list(gen.prompt) + gen.tokens], dtype=torch.long, device=device)
-        length = ids.shape[1]
-        positions = torch.arange(length, device=device)
-        cache = DynamicCache()
+        rows = [list(gen.prompt) + gen.tokens for gen in group]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, device=device)
+            mask[i, width - len(row):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded prompts
         try:
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions[None],
-                             cache_position=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = self._choose(gen, out.logits[:, -1])
-        except Exception as err:  # noqa: BLE001  (this request alone)
-            self._fail(gen, err)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             cache_position=torch.arange(width, device=device), past_key_values=DynamicCache(),
+                             use_cache=True, logits_to_keep=1)
+        except Exception as err:  # noqa: BLE001
+            if len(group) == 1:
+                self._fail(group[0], err)
+            else:
+                for gen in group:
+                    self._prefill([gen])
             return
-        if not self._advance(gen, token):
-            self._join(gen, out.past_key_values, torch.ones_like(ids), token, length)
+        keep, tokens = [], []
+        for i, gen in enumerate(group):
+            try:
+                token = self._choose(gen, out.logits[i:i + 1, -1])
+            except Exception as err:  # noqa: BLE001  (this request alone)
+                self._fail(gen, err)
+                continue
+            if not self._advance(gen, token):
+                keep.append(i)
+                tokens.append(token)
+        if keep:
+            self._join([group[i] for i in keep], out.past_key_values, mask, keep, tokens,
+                       [len(rows[i]) for i in keep])
 
     def _step(self) -> None:
         import torch
@@ -290,17 +327,24 @@ class ContinuousBatcher:
         gen.finish_reason = "error"
         gen._send("error", err)
 
-    def _join(self, gen: Generation, cache, mask, token: int, length: int) -> None:
-        """Merge a prefilled request's cache rows into the running batch (left-padded to one length)."""
+    def _join(self, gens: list[Generation], cache, mask, keep: list[int], tokens: list[int],
+              lengths: list[int]) -> None:
+        """Merge rows `keep` of a prefilled group's cache into the running batch (left-padded to one length)."""
         import torch
         import torch.nn.functional as F
 
         device = mask.device
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        mask = mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # columns that only the dropped rows used
+        mask = mask[:, start:]
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        last = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        positions = torch.tensor(lengths, dtype=torch.long, device=device)
         if not self._rows:
-            self._cache, self._mask = cache, mask
-            self._last = torch.tensor([[token]], dtype=torch.long, device=device)
-            self._positions = torch.tensor([length], dtype=torch.long, device=device)
-            self._rows = [gen]
+            self._cache, self._mask, self._last, self._positions, self._rows = cache, mask, last, positions, list(gens)
             return
         width = max(self._mask.shape[1], mask.shape[1])
         pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
@@ -308,9 +352,9 @@ class ContinuousBatcher:
             old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
             old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
-        self._last = torch.cat([self._last, torch.tensor([[token]], dtype=torch.long, device=device)])
-        self._positions = torch.cat([self._positions, torch.tensor([length], dtype=torch.long, device=device)])
-        self._rows.append(gen)
+        self._last = torch.cat([self._last, last])
+        self._positions = torch.cat([self._positions, positions])
+        self._rows.extend(gens)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only these rows; drop the leading columns that are padding in every remaining row."""
