@@ -65,6 +65,7 @@ def test_f1_is_parlai_unigram_f1():
     assert unigram_f1("I like cats too", "i like dogs") == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     # multiset overlap: a repeated word counts as often as it occurs in both
     assert unigram_f1("yes yes yes", "yes") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    assert unigram_f1("yes yes", "yes yes no") == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))  # counts, not sets
 
 
 def test_conditions_carry_the_profile_where_they_should():
