@@ -85,6 +85,90 @@ def select(frame, threshold: float, pair_margin: float):
                               "chosen_score": float(best["score"]), "rejected_score": float(worst["score"])})
     return sft, pairs, counts
 
+CARD = """---
+license: cc-by-4.0
+language:
+- en
+pretty_name: PersonaWeave persona dialogues v2 (best-of-N, judge-selected)
+task_categories:
+- text-generation
+tags:
+- persona
+- dialogue
+- synthetic
+- preference
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: train.parquet
+  - split: validation
+    path: validation.parquet
+  - split: test
+    path: test.parquet
+- config_name: preferences
+  data_files:
+  - split: train
+    path: preferences_train.parquet
+  - split: validation
+    path: preferences_validation.parquet
+  - split: test
+    path: preferences_test.parquet
+---
+
+# PersonaWeave persona dialogues v2
+
+Real user turns answered in character by the eight default personas of personaweave; for each
+(user turn, persona) the reply is the **best of {num_samples} sampled replies** of the prompted base
+model, chosen by the *selection judge*, and (best, worst) form a preference pair.
+
+## How it was made
+
+- **User turns**: {turns} distinct first turns from {sources} (the same shippable sources as v1),
+  split by turn (a turn and all its replies are in one split): {split_turns}.
+- **Candidates**: SmolLM2-135M-Instruct with the persona's description in the system prompt,
+  {num_samples} samples per (turn, persona), temperature {temperature}, top-p {top_p}, repetition
+  penalty {repetition_penalty}, at most {max_new_tokens} new tokens, each cut back to its last complete
+  sentence ({candidates} candidates, {new_tokens} new tokens; shards 0-15 in float32, later shards in
+  bfloat16 on AMX CPUs).
+- **Selection judge** (`personaweave.evaluation.judges.SelectionJudge`): persona evidence from the
+  personas' example lines (softmax over prototypes), gated by relevance to the user turn
+  (sentence-embedding similarity), plus a relevance term, minus penalties for low bare-base
+  fluency, repetition loops, empty or cut-off replies and restating the description. Kept: the best
+  candidate if its score is at least {threshold} and it has no hard defect
+  ({kept} of {groups} groups, acceptance {acceptance:.1%}); a pair when best - worst >= {pair_margin}.
+- The evaluation judge's held-out anchors (`personaweave/data/eval_anchors.json`) were never read.
+
+| split | SFT rows | preference pairs |
+| --- | --- | --- |
+{split_rows}
+
+Means of the selected replies vs all candidates (selection judge): persona probability
+{sel_persona:.3f} vs {all_persona:.3f}, relevance {sel_rel:.3f} vs {all_rel:.3f}, fluency (bare base
+log-likelihood per token) {sel_flu:.3f} vs {all_flu:.3f}.
+
+Built by `datasets_scripts/build_persona_dialogues_v2.py` from the shards of
+`datasets_scripts/generate_candidates.py`; numbers in `stats.json`.
+"""
+
+
+def write_card(stats: dict, out: str) -> None:
+    gen = stats["generation"]
+    text = CARD.format(
+        num_samples=gen.get("num_samples"), turns=stats["turns"], sources=", ".join(gen.get("sources", [])),
+        split_turns=", ".join(f"{k} {v}" for k, v in stats["turns_per_split"].items()),
+        temperature=gen.get("temperature"), top_p=gen.get("top_p"), repetition_penalty=gen.get("repetition_penalty"),
+        max_new_tokens=gen.get("max_new_tokens"), candidates=stats["candidates"], new_tokens=stats["new_tokens"],
+        threshold=stats["threshold"], kept=stats["kept"], groups=stats["groups"], acceptance=stats["acceptance_rate"],
+        pair_margin=stats["pair_margin"],
+        split_rows="\n".join(f"| {s} | {stats['rows'][s]} | {stats['pairs_per_split'][s]} |" for s in SPLITS),
+        sel_persona=stats["mean_selected"].get("persona_prob", float("nan")),
+        all_persona=stats["mean_all_candidates"]["persona_prob"],
+        sel_rel=stats["mean_selected"].get("relevance", float("nan")), all_rel=stats["mean_all_candidates"]["relevance"],
+        sel_flu=stats["mean_selected"].get("fluency", float("nan")), all_flu=stats["mean_all_candidates"]["fluency"])
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame(pair_part).to_parquet(os.path.join(args.out, f"preferences_{split}.parquet"), index=False)
     settings = json.load(open(os.path.join(args.shards, "turns.json"), encoding="utf-8"))["settings"]
     stats = {"shards": len(shards), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
-             "turns": int(frame["prompt"].nunique()), **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
+             "turns": int(frame["prompt"].nunique()),
+             "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
              "threshold": args.threshold, "pair_margin": args.pair_margin, "generation": settings,
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
@@ -138,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
              "seconds_build": round(time.time() - start, 1)}
     with open(os.path.join(args.out, "stats.json"), "w", encoding="utf-8") as handle:
         json.dump(stats, handle, indent=2)
+    write_card(stats, args.out)
     print(json.dumps({k: stats[k] for k in ("candidates", "turns", "kept", "acceptance_rate", "pairs", "rows")}))
     return 0
 
