@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Persona quality v2, end to end (issue 14): best-of-N candidates -> judge-selected dataset ->
+# persona stage -> LoRA sub-personalities -> DPO (shared adapter) -> persona reward model ->
+# held-out comparison with the prompt baseline, evaluation judge. Every step resumes or is cheap to
+# redo: candidate shards are skipped when present, judged shards are cached.
+#   bash recipes/train_v2.sh [accelerate config]     (default: recipes/accelerate/cpu.yaml)
+# Hours on 2 CPU cores; run it under nohup and commit shards as they arrive.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ACCEL=${1:-recipes/accelerate/cpu.yaml}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SHARDS=datasets_scripts/shards/v2
+DATA=personaweave/data/persona_dialogues_v2
+
+python datasets_scripts/generate_candidates.py --out "$SHARDS" --turns_per_shard 8 --splits train validation
+python datasets_scripts/build_persona_dialogues_v2.py --shards "$SHARDS" --out "$DATA"
+accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona_v2.yaml
+accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality_v2.yaml
+accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo.yaml
+# one folder with the per-persona LoRA sub-personalities and the shared DPO adapter, for one eval run
+rm -rf outputs/v2_all && cp -r outputs/sft_sub_personality_v2/final outputs/v2_all
+cp -r outputs/dpo/final/adapters/dpo outputs/v2_all/adapters/dpo
+accelerate launch --config_file "$ACCEL" recipes/reward_model.py --config recipes/configs/reward_model_v2.yaml
+python recipes/persona_quality.py --config recipes/configs/persona_quality.yaml --model outputs/v2_all \
+    --output outputs/persona_quality_v2_trained.json
+python recipes/persona_drift.py --config recipes/configs/persona_drift.yaml --model outputs/v2_all
