@@ -55,13 +55,13 @@ def main() -> None:
         model.to(getattr(torch, dtype))
         batcher = ContinuousBatcher(model, max_batch=args.max_batch, max_queue=len(ids))
 
-        async def run():
+        async def run(batcher: ContinuousBatcher):
             return await asyncio.gather(*[batcher.submit(Generation(prompt=p, max_new_tokens=args.max_new_tokens,
                                                                     repetition_penalty=REPETITION_PENALTY))
                                           for p in ids])
 
         start = time.perf_counter()
-        gens = asyncio.run(run())
+        gens = asyncio.run(run(batcher))
         seconds = time.perf_counter() - start
         replies = [tok.decode(g.tokens, skip_special_tokens=True).strip() for g in gens]
         verdicts = judge.judge(prompts, replies, targets)

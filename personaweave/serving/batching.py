@@ -60,7 +60,7 @@ class FairLock:
             self._serving += 1
             self._cond.notify_all()
 
-    def __enter__(self) -> "FairLock":
+    def __enter__(self) -> FairLock:
         self.acquire()
         return self
 
@@ -288,8 +288,12 @@ class ContinuousBatcher:
         """The next token from (1, V) logits with the request's settings: `generate`'s processors, in
         `generate`'s order, on float32 scores."""
         import torch
-        from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                                  TopPLogitsWarper)
+        from transformers import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         scores = logits.to(dtype=torch.float32)
         ids = torch.tensor([list(gen.prompt) + gen.tokens], dtype=torch.long, device=scores.device)
