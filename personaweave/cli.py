@@ -186,6 +186,9 @@ def cmd_eval_benchmark(args: argparse.Namespace) -> int:
         raise UsageError("--f1-limit must be at least 0.")
     if args.model:
         _require_model_folder(args.model)
+    if args.persona_layer and not os.path.isfile(os.path.join(args.persona_layer, "persona_layer.safetensors")):
+        raise UsageError(f"{args.persona_layer} holds no persona_layer.safetensors (recipes/profile_personas.py "
+                         "writes one to OUTPUT_DIR/best).")
     print(f"ConvAI2 benchmark on {path} with {args.model or 'the trained personas shipped in the package'}",
           file=sys.stderr, flush=True)
 
@@ -197,11 +200,27 @@ def cmd_eval_benchmark(args: argparse.Namespace) -> int:
     f1_examples = examples
     if args.f1_limit is not None:
         f1_examples = sample_examples(examples, args.f1_limit, seed=args.seed + 1) if args.f1_limit else []
-    model, tokenizer = _load(args)
+    encoder = None
+    if args.persona_layer:  # a persona map trained by recipes/profile_personas.py, on the shipped base
+        from personaweave.encoders import default_encoder
+        from personaweave.loading import load_pretrained_personas
+        from personaweave.training.profile_personas import ProfileSentenceEncoder
+
+        model, tokenizer, _ = load_pretrained_personas(args.persona_layer, with_adapters=False)
+        with open(os.path.join(args.persona_layer, "persona_config.json"), encoding="utf-8") as handle:
+            meta = json.load(handle)
+        encoder = default_encoder()
+        if meta.get("encoding") == "per_sentence":
+            encoder = ProfileSentenceEncoder(encoder, meta.get("max_sentences", 5))
+    else:
+        model, tokenizer = _load(args)
+    conditions = args.conditions or ["none", "prompt", "tokens", "both"]
     results = evaluate_convai2(model, tokenizer, examples, f1_examples=f1_examples, history_turns=args.history_turns,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, bf16=args.bf16,
+                               conditions=conditions, encoder=encoder, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, bf16=args.bf16,
                                log=lambda m: print(m, file=sys.stderr, flush=True))
-    results.update({"benchmark": "convai2", "data": path, "model": args.model or "shipped", "seed": args.seed})
+    results.update({"benchmark": "convai2", "data": path, "model": args.persona_layer or args.model or "shipped",
+                    "seed": args.seed})
     write_json(results, args.out)
     print(json.dumps({c: {k: v for k, v in row.items() if k != "samples"} for c, row in results["conditions"].items()},
                      indent=1))
@@ -470,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --benchmark: earlier exchanges kept in the prompt (default: the whole dialogue)")
     p.add_argument("--batch-size", type=int, default=16, help="for --benchmark")
     p.add_argument("--bf16", action="store_true", help="for --benchmark: bfloat16 autocast on CPU (faster)")
+    p.add_argument("--conditions", nargs="+", choices=["none", "prompt", "tokens", "both"],
+                   help="for --benchmark: the conditions to run (default: all four)")
+    p.add_argument("--persona-layer", help="for --benchmark: a persona map from recipes/profile_personas.py "
+                   "(OUTPUT_DIR/best) on the shipped base, instead of --model")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a model folder (ONNX with Optimum, optional int8)")

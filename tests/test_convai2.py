@@ -143,6 +143,11 @@ def test_cli_benchmark(tmp_path, capsys, monkeypatch):
     results = json.loads(out.read_text())
     assert results["num_replies_ppl"] == 2 and results["num_replies_f1"] == 1
     assert set(results["conditions"]) == set(CONDITIONS)
+    assert main(["eval", "--benchmark", "convai2", "--data", str(FIXTURE), "--model", str(tmp_path / "m"),
+                 "--f1-limit", "0", "--conditions", "none", "tokens", "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())["conditions"]) == ["none", "tokens"]
+    with pytest.raises(SystemExit, match="no persona_layer.safetensors"):
+        main(["eval", "--benchmark", "convai2", "--data", str(FIXTURE), "--persona-layer", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs --data"):
         main(["eval", "--benchmark", "convai2"])
     with pytest.raises(SystemExit, match="No ConvAI2 file"):
@@ -155,3 +160,28 @@ def test_real_validation_file_parses():
     assert len(examples) == 7801
     assert len({e.dialogue for e in examples}) == 1000
     assert all(3 <= len(e.profile) <= 5 for e in examples)
+
+
+@pytest.mark.parametrize("encoding", ["whole", "per_sentence"])
+def test_cli_benchmark_with_a_trained_persona_layer(tmp_path, monkeypatch, encoding):
+    """`--persona-layer` (recipes/profile_personas.py's output) builds the model around its base and encodes
+    each profile the way the layer was trained (per_sentence: one vector per sentence)."""
+    import personaweave.encoders
+    from personaweave.testing import tiny_llama, tiny_tokenizer
+    from personaweave.training.profile_personas import make_persona_map, save_persona_layer
+
+    tok = tiny_tokenizer()
+    lm = tiny_llama(len(tok), 0)
+    lm.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    layer = make_persona_map(encoding, HashEncoder.dim, 32, num_tokens=2, inner_size=16, max_sentences=2)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    save_persona_layer(layer, str(tmp_path / "best"), str(tmp_path / "base"),
+                       extra={"encoding": encoding, "max_sentences": 2})
+    monkeypatch.setattr(personaweave.encoders, "default_encoder", HashEncoder)
+    out = tmp_path / "convai2.json"
+    assert main(["eval", "--benchmark", "convai2", "--data", str(FIXTURE), "--persona-layer", str(tmp_path / "best"),
+                 "--f1-limit", "0", "--conditions", "none", "tokens", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["conditions"]
+    assert rows["tokens"]["ppl"] != rows["none"]["ppl"]
