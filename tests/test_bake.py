@@ -271,6 +271,7 @@ def test_cli_bake(with_adapters, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~4 min on 2 idle cores; far more when they are shared
 def test_bake_shipped_checkpoint(tmp_path):
     """Every default persona + one blend on the shipped SmolLM2 personas: logits, greedy replies, 1,000
     sampled tokens without a persona token, and the LoRA adapters beside it."""
@@ -296,6 +297,7 @@ def test_bake_shipped_checkpoint(tmp_path):
         ours = model.generate(ids, max_new_tokens=24, do_sample=False)
         theirs = plain.generate(ids, max_new_tokens=24, do_sample=False)
         figures[name] = {"max_abs_logit_diff": diff, "greedy_identical": bool(torch.equal(ours, theirs))}
+        print(json.dumps({name: figures[name]}), flush=True)
         assert diff < 1e-4, (name, diff)
         assert torch.equal(ours, theirs), name
     ids = tok(tok.apply_chat_template(chat("mix", "Tell me about the ocean.", num_persona_tokens=k),

@@ -167,6 +167,11 @@ def bake(model_dir_or_model: Any = None, out_dir: str = "", personas: Optional[S
                 json.dump(meta, handle, indent=1)
             from personaweave.files import replace_folder
 
+            umask = os.umask(0)
+            os.umask(umask)
+            for folder, _, files in os.walk(tmp):  # readable like any saved model (some writers use 0600)
+                for name in files:
+                    os.chmod(os.path.join(folder, name), 0o666 & ~umask)
             if os.path.isdir(out_dir) and not os.listdir(out_dir):
                 os.rmdir(out_dir)
             replace_folder(tmp, out_dir)

@@ -260,14 +260,15 @@ def quantize_onnx_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "q
 
 def quantize_onnx_nbits(onnx_dir: str, bits: int = 4, block_size: int = 32, accuracy_level: Optional[int] = None,
                         keep: Sequence[str] = NBITS_KEEP, suffix: Optional[str] = None,
-                        file_name: str = ONNX_FILE) -> str:
+                        file_name: str = ONNX_FILE, head_bits: Optional[int] = None) -> str:
     """Weight-only quantization of the decoder MatMuls with onnxruntime's `MatMulNBitsQuantizer`
     (symmetric, `bits` in {4, 8}, blocks of `block_size` along the input dimension), saved beside the
     fp32 graph as `model_w<bits>.onnx` (or `model_<suffix>.onnx`); returns its path.
 
     Activations stay in floating point unless `accuracy_level` asks otherwise (4 = int8 compute, faster
     on CPU, quantizes activations per block); nodes whose name contains any of `keep` (the output head,
-    the persona layer) stay fp32, and so do the embedding tables (Gather, not MatMul).
+    the persona layer) stay fp32, and so do the embedding tables (Gather, not MatMul). `head_bits` (an
+    experiment, off by default) quantizes the output head too, with that many bits, in a second pass.
     """
     import onnx
 
@@ -276,22 +277,27 @@ def quantize_onnx_nbits(onnx_dir: str, bits: int = 4, block_size: int = 32, accu
     except ImportError as err:  # onnxruntime >= 1.22 needs onnx-ir for it (the `onnx` extra brings it)
         raise ImportError(f"Weight-only quantization needs onnxruntime's matmul_nbits_quantizer: {err}. "
                           "pip install 'personaweave[onnx]' (onnxruntime and onnx-ir).") from None
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits!r}.")
-    model = onnx.load(os.path.join(onnx_dir, file_name))
-    excluded = [n.name for n in model.graph.node if any(k in n.name for k in keep)]
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, nodes_to_exclude=excluded,
-                                     op_types_to_quantize=("MatMul",))
     import logging
 
+    if bits not in (4, 8) or head_bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits!r} (head_bits {head_bits!r}).")
+    model = onnx.load(os.path.join(onnx_dir, file_name))
+    passes = [(bits, [n.name for n in model.graph.node if any(k in n.name for k in keep)])]
+    if head_bits is not None:  # then the head alone: every other MatMul excluded
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" not in n.name]
+        passes.append((head_bits, others))
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
     log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
     try:
-        quantizer.process()
+        for pass_bits, excluded in passes:
+            quantizer = MatMulNBitsQuantizer(model, bits=pass_bits, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level, nodes_to_exclude=excluded,
+                                             op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            model = quantizer.model.model
     finally:
         log.setLevel(level)
-    out = os.path.join(onnx_dir, f"model_{suffix or f'w{bits}'}.onnx")
+    out = os.path.join(onnx_dir, f"model_{suffix or f'w{bits}' + (f'h{head_bits}' if head_bits else '')}.onnx")
     quantizer.model.save_model_to_file(out, use_external_data_format=False)
     return out
