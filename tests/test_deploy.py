@@ -97,3 +97,8 @@ def test_cli_export_quantize_choices(folders, tmp_path, capsys):
     assert "model_w4.onnx" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["export", "onnx", str(root / "baked"), "--out", str(tmp_path / "x"), "--quantize", "int3"])
+    from personaweave.cli import build_parser
+
+    args = ["export", "onnx", "m", "--out", "o"]  # a bare --quantize is the benchmark's winner, dynamic int8
+    assert build_parser().parse_args(args + ["--quantize"]).quantize == "int8"
+    assert build_parser().parse_args(args).quantize is None
