@@ -7,7 +7,8 @@ Rows (each in its own process, so peak RSS is per row; ratios are to PyTorch fp3
 - stock: Optimum's own export of the baked folder (no custom OnnxConfig), with the same three quantizers;
 - llama.cpp (optional, `--llama_python`, a venv with llama-cpp-python): the shipped SmolLM2 GGUF (Q4_1)
   with the persona *described in the system prompt* (the peer a user would pick), and the baked folder
-  converted to GGUF (`--baked_gguf`) with the persona tokens, same token ids as ours.
+  converted to GGUF (`--baked_gguf`) with the persona tokens, same token ids as ours. NOT RUN YET: in the
+  session that wrote it, llama-cpp-python did not finish building within its 15-minute limit on 2 shared cores.
 
 Per row: persona accuracy with the evaluation judge (`EvaluationJudge.from_default_personas()`, the held-out
 anchors) on the same replies to the same prompts (every default persona x `--num_prompts` held-out user turns
