@@ -313,3 +313,40 @@ def test_bake_shipped_checkpoint(tmp_path):
     assert sampled.numel() == 1000 and figures["persona_tokens_sampled"] == 0
     adapters = sorted(os.listdir(os.path.join(out, "adapters")))
     assert adapters == sorted(n for n in model.config.persona_names if n != "mix")
+
+
+def _vllm_skip_reason() -> str | None:
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return "GPU-only: vLLM serving of the baked folder needs a CUDA GPU (none here)"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm on a GPU machine)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_vllm_skip_reason() is not None, reason=_vllm_skip_reason() or "")
+def test_vllm_serves_the_baked_folder_with_one_lora_per_persona(with_adapters):
+    """The README's vLLM recipe: the baked folder as a plain Llama, each sub-personality a LoRA request,
+    persona tokens banned; vLLM's greedy reply equals transformers' greedy reply on the same baked folder."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    _, tok, root = with_adapters
+    out = bake(str(root / "model"), str(root / "baked-vllm"))
+    meta = json.load(open(os.path.join(out, "persona_tokens.json")))
+    prompt = {p["name"]: p["prompt"] for p in meta["personas"]}
+    messages = [{"role": "system", "content": prompt["pirate"]}, {"role": "user", "content": QUESTIONS[0]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    llm = LLM(model=out, enable_lora=True, max_lora_rank=8, dtype="float32", enforce_eager=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={i: -100.0 for i in meta["suppress_token_ids"]})
+    result = llm.generate([text], params, lora_request=LoRARequest("pirate", 1, os.path.join(out, "adapters", "pirate")))
+    got = list(result[0].outputs[0].token_ids)
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), os.path.join(out, "adapters", "pirate"))
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    expected = plain.generate(input_ids=ids, do_sample=False, max_new_tokens=8)[0, ids.shape[1]:].tolist()
+    assert got[:len(expected)] == expected[:len(got)]
+    assert not set(got) & set(meta["suppress_token_ids"])
