@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.25,
                         help="minimum selection score of the kept reply (see SelectionJudge)")
     parser.add_argument("--pair_margin", type=float, default=0.2)
+    parser.add_argument("--judge_first", nargs="*", default=["train"],
+                        help="judge unjudged shards holding these splits first")
+    parser.add_argument("--max_judge", type=int, default=None,
+                        help="judge at most this many new shards, then build from the judged ones only")
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -190,11 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no candidate shards in {args.shards}")
     judge = None
     frames = []
-    for path in shards:
+    first = set(args.judge_first or [])
+
+    def priority(path: str) -> int:
+        if os.path.exists(path.replace("shard-", "judged-")) or not first:
+            return 0
+        return 0 if first & set(pd.read_parquet(path, columns=["split"])["split"]) else 1
+
+    judged_new = 0
+    for path in sorted(shards, key=priority):  # stable: shard order within each group
         judged = path.replace("shard-", "judged-")
         if os.path.exists(judged):
             frames.append(pd.read_parquet(judged))
             continue
+        if args.max_judge is not None and judged_new >= args.max_judge:
+            continue
+        judged_new += 1
         if judge is None:
             model, tokenizer = load_base()
             judge = SelectionJudge.from_personas(load_default_personas(), base_model=model.eval(), tokenizer=tokenizer)
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         pair_part = [{k: v for k, v in r.items() if k != "split"} for r in pairs if r["split"] == split]
         pd.DataFrame(pair_part).to_parquet(os.path.join(args.out, f"preferences_{split}.parquet"), index=False)
     settings = json.load(open(os.path.join(args.shards, "turns.json"), encoding="utf-8"))["settings"]
-    stats = {"shards": len(shards), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
+    stats = {"shards": len(frames), "shards_not_judged": len(shards) - len(frames), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
              "turns": int(frame["prompt"].nunique()),
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
