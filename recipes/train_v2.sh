@@ -8,15 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ACCEL=${1:-recipes/accelerate/cpu.yaml}
+# extra trainer flags, e.g. TRAIN_FLAGS="--bf16 true --use_cpu true" on CPUs with AMX-bf16
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SHARDS=datasets_scripts/shards/v2
 DATA=personaweave/data/persona_dialogues_v2
 
 python datasets_scripts/generate_candidates.py --out "$SHARDS" --turns_per_shard 8 --splits train validation
 python datasets_scripts/build_persona_dialogues_v2.py --shards "$SHARDS" --out "$DATA"
-accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona_v2.yaml
-accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality_v2.yaml
-accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo.yaml
+accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona_v2.yaml $TRAIN_FLAGS
+accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality_v2.yaml $TRAIN_FLAGS
+accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo.yaml $TRAIN_FLAGS
 # one folder with the per-persona LoRA sub-personalities and the shared DPO adapter, for one eval run
 rm -rf outputs/v2_all && cp -r outputs/sft_sub_personality_v2/final outputs/v2_all
 cp -r outputs/dpo/final/adapters/dpo outputs/v2_all/adapters/dpo
