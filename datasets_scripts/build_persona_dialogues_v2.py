@@ -137,7 +137,7 @@ model, chosen by the *selection judge*, and (best, worst) form a preference pair
   fluency, repetition loops, empty or cut-off replies and restating the description. Kept: the best
   candidate if its score is at least {threshold} and it has no hard defect
   ({kept} of {groups} groups, acceptance {acceptance:.1%}); a pair when best - worst >= {pair_margin}.
-- The evaluation judge's held-out anchors (`personaweave/data/eval_anchors.json`) were never read.
+- The evaluation judge's held-out anchor lines were never read (a test checks it).
 
 | split | SFT rows | preference pairs |
 | --- | --- | --- |

@@ -48,7 +48,9 @@ def test_greedy_continuous_batching_equals_generate_with_requests_joining_and_le
 
     async def run():
         async def one(i):
-            await asyncio.sleep(0.02 * i)  # staggered arrivals: most join a batch that is already decoding
+            # four arrive together (a full batch, however slow the machine), the rest staggered: they join a
+            # batch that is already decoding as earlier requests leave
+            await asyncio.sleep(0.0 if i < 4 else 0.02 * i)
             return await batcher.submit(Generation(prompt=prompts[i], max_new_tokens=lengths[i],
                                                    repetition_penalty=1.2))
         return await asyncio.gather(*[one(i) for i in range(len(prompts))])
