@@ -130,6 +130,7 @@ def test_a_failing_request_fails_alone_even_when_the_batched_step_fails(model_an
     real, state = model.forward, {"armed": False, "batched_failures": 0}
 
     def forward(*args, input_ids=None, **kwargs):
+        time.sleep(0.02)  # every pass takes a while, so the good requests are still decoding when it is armed
         if state["armed"] and input_ids is not None:
             if input_ids.shape[1] >= len(bad) and input_ids[0, :len(bad)].tolist() == bad:
                 raise RuntimeError("this request breaks the model")
