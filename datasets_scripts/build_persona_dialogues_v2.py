@@ -76,6 +76,7 @@ def select(frame, threshold: float, pair_margin: float):
             sft.append({**base, "response": best["reply_trimmed"], "score": float(best["score"]),
                         "persona_prob": float(best["persona_prob"]), "relevance": float(best["relevance"]),
                         "fluency": float(best["fluency"]), "candidates": len(group),
+                        "origin": str(best.get("origin", "base:prompted")),
                         "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt},
                                      {"role": "assistant", "content": best["reply_trimmed"]}]})
             worst = ranked.iloc[-1]
@@ -172,7 +173,9 @@ def write_card(stats: dict, out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", default="datasets_scripts/shards/v2")
+    parser.add_argument("--shards", nargs="+", default=["datasets_scripts/shards/v2"],
+                        help="candidate folders; several (e.g. round 1 + an expert-iteration round) are pooled per "
+                             "(turn, persona) before selection; the first one's turns.json describes the data")
     parser.add_argument("--out", default="personaweave/data/persona_dialogues_v2")
     parser.add_argument("--threshold", type=float, default=0.25,
                         help="minimum selection score of the kept reply (see SelectionJudge)")
@@ -189,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     from personaweave.zoo import load_base, load_default_personas
 
     start = time.time()
-    shards = sorted(glob.glob(os.path.join(args.shards, "shard-*.parquet")))
+    shards = [path for folder in args.shards for path in sorted(glob.glob(os.path.join(folder, "shard-*.parquet")))]
     if not shards:
-        raise SystemExit(f"error: no candidate shards in {args.shards}")
+        raise SystemExit(f"error: no candidate shards in {', '.join(args.shards)}")
     judge = None
     frames = []
     first = set(args.judge_first or [])
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         frames.append(judge_shard(path, judge, judged))
         print(json.dumps({"judged": os.path.basename(path), "seconds": round(time.time() - shard_start, 1)}), flush=True)
     frame = pd.concat(frames, ignore_index=True)
+    if "origin" not in frame:
+        frame["origin"] = "base:prompted"
+    frame["origin"] = frame["origin"].fillna("base:prompted")
     sft, pairs, counts = select(frame, args.threshold, args.pair_margin)
     os.makedirs(args.out, exist_ok=True)
     rows = {}
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame(part).to_parquet(os.path.join(args.out, f"{split}.parquet"), index=False)
         pair_part = [{k: v for k, v in r.items() if k != "split"} for r in pairs if r["split"] == split]
         pd.DataFrame(pair_part).to_parquet(os.path.join(args.out, f"preferences_{split}.parquet"), index=False)
-    settings = json.load(open(os.path.join(args.shards, "turns.json"), encoding="utf-8"))["settings"]
+    settings = json.load(open(os.path.join(args.shards[0], "turns.json"), encoding="utf-8"))["settings"]
     stats = {"shards": len(frames), "shards_not_judged": len(shards) - len(frames), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
              "turns": int(frame["prompt"].nunique()),
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())
                                      for k in ("score", "persona_prob", "relevance", "fluency")},
+             "selected_origin": pd.Series([r["origin"] for r in sft]).value_counts().to_dict() if sft else {},
              "seconds_build": round(time.time() - start, 1)}
     with open(os.path.join(args.out, "stats.json"), "w", encoding="utf-8") as handle:
         json.dump(stats, handle, indent=2)

@@ -217,3 +217,43 @@ def test_candidate_generation_resumes_where_it_stopped(tmp_path):
     turns = json.loads((tmp_path / "turns.json").read_text())["turns"]
     assert [t["split"] for t in turns] == sorted((t["split"] for t in turns),
                                                   key={"test": 0, "validation": 1, "train": 2}.get)
+
+
+def test_builder_pools_an_expert_iteration_round(tmp_path):
+    """Candidates of a second round (sampled from a trained model) compete with round 1 per (turn, persona):
+    the selected reply is the best over both folders and its origin is recorded."""
+    import json
+
+    import pandas as pd
+
+    build = _script("build_persona_dialogues_v2")
+    personas = load_default_personas()[:2]
+    judge = SelectionJudge.from_personas(load_default_personas(), encoder=BagOfWordsEncoder())
+    prompt = "What should I read this weekend?"
+    folders = {}
+    for round_name, replies in (("round1", ["ok then.", "I like turtles and the weather today is fine."]),
+                                ("round2", None)):
+        folder = tmp_path / round_name
+        folder.mkdir()
+        rows = []
+        for p in personas:
+            texts = replies or [p.examples[0], "The weather is fine today, I think."]
+            for sample, reply in enumerate(texts):
+                row = {"shard": 0, "prompt": prompt, "source": "test", "split": "train", "persona": p.name,
+                       "description": p.description, "sample": sample, "reply": reply, "new_tokens": 5}
+                if round_name == "round2":
+                    row["origin"] = "trained:test:lora"
+                rows.append(row)
+        pd.DataFrame(rows).to_parquet(folder / "shard-00000.parquet")
+        build.judge_shard(str(folder / "shard-00000.parquet"), judge, str(folder / "judged-00000.parquet"))
+        folders[round_name] = folder
+    (folders["round1"] / "turns.json").write_text(json.dumps({"turns": [], "settings": {"num_samples": 2}}))
+    out = tmp_path / "data"
+    assert build.main(["--shards", str(folders["round1"]), str(folders["round2"]), "--out", str(out),
+                       "--threshold", "-10", "--pair_margin", "0"]) == 0
+    train = pd.read_parquet(out / "train.parquet")
+    assert len(train) == 2  # one row per (turn, persona), not per folder
+    examples = {p.name: p.examples[0] for p in personas}
+    assert all(r.response == examples[r.persona] and r.origin == "trained:test:lora" for r in train.itertuples())
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["selected_origin"] == {"trained:test:lora": 2} and stats["candidates"] == 8
