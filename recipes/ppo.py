@@ -30,6 +30,7 @@ from personaweave.training.rewards import (
     DEFAULT_WEIGHTS,
     CombinedRewardConfig,
     CombinedRewardModel,
+    PersonaRewardScorer,
     RewardContext,
     combined_reward,
     save_reward_weights,
@@ -47,6 +48,12 @@ class PPOScriptArguments:
     pad_token: str = field(default="<|endoftext|>", metadata={"help": "A pad token distinct from EOS."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the PPO adapter."})
     dataset_dir: Optional[str] = field(default=None, metadata={"help": "Dataset folder (default: shipped)."})
+    start_adapter: Optional[str] = field(default=None, metadata={
+        "help": "Merge this saved adapter of `model` (e.g. 'dpo') into the master first: PPO starts from it, and "
+                "the reference (PPO adapter off) is the merged model."})
+    reward_model: Optional[str] = field(default=None, metadata={
+        "help": "Trained persona reward model folder (recipes/reward_model.py): enables the `persona_reward` "
+                "component (give it a weight in reward_weights)."})
 
 
 class ComponentLog:
@@ -82,15 +89,20 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     if model is None:
         model = PersonaWeaveForCausalLM.from_pretrained(script.model)
         tokenizer = AutoTokenizer.from_pretrained(script.model)
+        if script.start_adapter:
+            model = merged_adapter(model, script.model, script.start_adapter)
     if script.pad_token in tokenizer.get_vocab():
         tokenizer.pad_token = script.pad_token
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SystemExit("PPO needs a pad token distinct from EOS; set --pad_token to an unused token.")
     tokenizer.padding_side = "left"
-    classifier = classifier or PersonaClassifier.from_pretrained(script.classifier)
+    if classifier is None and script.reward_weights.get("classifier_confidence", 0) > 0:
+        classifier = PersonaClassifier.from_pretrained(script.classifier)
     bank = model.personas
+    scorer = PersonaRewardScorer.from_pretrained(script.reward_model) if script.reward_model else None
     ctx = RewardContext(encoder=encoder or default_encoder(), classifier=classifier,
-                        examples={p.name: p.examples for p in bank})
+                        examples={p.name: p.examples for p in bank}, reward_model=scorer,
+                        descriptions={p.name: p.description for p in bank if p.description})
     reward_fn = combined_reward(script.reward_weights, ctx)
     if log_dir:
         reward_fn = ComponentLog(reward_fn, os.path.join(log_dir, "reward_components.jsonl"))
@@ -104,7 +116,8 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     getattr(value_model, value_model.base_model_prefix).load_state_dict(backbone.state_dict())
     value_model.config.pad_token_id = tokenizer.pad_token_id
     data = load_persona_dialogues("train", data_dir=script.dataset_dir)
-    names = [n for n in model.config.persona_names if n in classifier.labels]
+    judged = set(classifier.labels) if classifier is not None else set(ctx.descriptions)
+    names = [n for n in model.config.persona_names if n in judged and not n.startswith("blend_")]
     rows = [(p, q) for q in sorted(set(data["prompt"])) for p in names][: script.max_prompts]
     from datasets import Dataset
 
@@ -116,6 +129,14 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     dataset = Dataset.from_list([{"persona": p, "prompt": q} for p, q in rows])
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
     return model, tokenizer, value_model, reward_model, dataset
+
+
+def merged_adapter(model, folder: str, name: str):
+    """`model` with the saved adapter `name` of `folder` merged into its weights (peft merge_and_unload)."""
+    from personaweave.sub_personalities import load_sub_personalities
+
+    peft = load_sub_personalities(model, folder, names=[name])
+    return peft.merge_and_unload()
 
 
 def _value_config(text_config):

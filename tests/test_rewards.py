@@ -104,3 +104,63 @@ def test_each_component_prefers_the_in_character_reply():
     goal = reward_components([prompt] * 2, [good, bad], ["pirate"] * 2, ctx)
     for key in ("relevance", "repetition", "complete", "goal"):
         assert goal[key][0] > goal[key][1], key
+
+
+def _tiny_reward_model(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from personaweave.testing import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(("ahoy", "matey", "beep", "logic", "pirate", "robot", "you", "are", "a"))
+    config = tiny_llama(len(tokenizer), seed=3).config
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(3)
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return model, tokenizer
+
+
+def test_persona_reward_component_scores_with_the_trained_reward_model(tmp_path, hash_encoder):
+    from personaweave.training.rewards import PersonaRewardScorer
+
+    model, tokenizer = _tiny_reward_model(tmp_path)
+    scorer = PersonaRewardScorer.from_pretrained(str(tmp_path), batch_size=2)
+    descriptions = {"pirate": "a pirate", "robot": "a robot"}
+    prompts, replies = ["hi", "hi", "hi"], ["ahoy matey", "beep logic", "ahoy"]
+    scores = scorer.score([descriptions["pirate"]] * 3, prompts, replies)
+    # the same conversations one at a time, straight through the model: batching and padding change nothing
+    for reply, got in zip(replies, scores):
+        text = tokenizer.apply_chat_template([{"role": "system", "content": "You are a pirate."},
+                                              {"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": reply}], tokenize=False)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            assert torch.sigmoid(model(**enc).logits[0, 0]).item() == pytest.approx(float(got), abs=1e-5)
+    assert ((scores > 0) & (scores < 1)).all() and len(set(np.round(scores, 6))) == 3
+    ctx = RewardContext(encoder=hash_encoder, reward_model=scorer, descriptions=descriptions)
+    parts = reward_components(prompts, replies, ["pirate", "pirate", ""], ctx)
+    assert parts["persona_reward"][:2].tolist() == pytest.approx(scores[:2].tolist(), abs=1e-5)
+    assert parts["persona_reward"][2] == 0.0  # no persona in the prompt
+    total, _ = combined_reward({"persona_reward": 2.0}, ctx)(prompts[:1], replies[:1], ["pirate"])
+    assert total[0] == pytest.approx(2 * scores[0], abs=1e-5)
+    with pytest.raises(ValueError, match="Unknown personas"):
+        reward_components(["hi"], ["ahoy"], ["ghost"], ctx)
+    with pytest.raises(ValueError, match="descriptions"):
+        reward_components(["hi"], ["ahoy"], ["pirate"], RewardContext(encoder=hash_encoder, reward_model=scorer))
+
+
+def test_persona_reward_scorer_refuses_a_classifier_with_many_labels(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from personaweave.testing import tiny_llama, tiny_tokenizer
+    from personaweave.training.rewards import PersonaRewardScorer
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_llama(len(tokenizer)).config
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a reward model"):
+        PersonaRewardScorer.from_pretrained(str(tmp_path))

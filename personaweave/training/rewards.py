@@ -3,6 +3,8 @@
 Components (each per reply, roughly in [0, 1]):
 - `example_similarity`: max cosine (MiniLM) between the reply and the persona's example replies;
 - `classifier_confidence`: the persona classifier's probability for the target persona;
+- `persona_reward`: sigmoid of the trained persona reward model's score (`recipes/reward_model.py`,
+  TRL `RewardTrainer`), the persona stated in words as in its training pairs (`PersonaRewardScorer`);
 - `relevance`: cosine between the user turn and the reply;
 - `length`: 1 inside 8-60 words, falling off outside;
 - `sentiment`: VADER compound mapped to [0, 1];
@@ -57,11 +59,51 @@ def complete_score(text: str) -> float:
 
 @dataclass
 class RewardContext:
-    """What the components need: an encoder, the persona classifier, the personas' examples."""
+    """What the components need: an encoder, the persona classifier, the personas' examples, and
+    optionally a trained persona reward model (`PersonaRewardScorer`) with the personas' descriptions."""
 
     encoder: Any
     classifier: Any = None
     examples: Optional[Mapping[str, Sequence[str]]] = None
+    reward_model: Any = None
+    descriptions: Optional[Mapping[str, str]] = None
+
+
+class PersonaRewardScorer:
+    """A trained persona reward model (a `num_labels=1` sequence classifier from `recipes/reward_model.py`)
+    as a scorer: `score(descriptions, prompts, replies)` -> sigmoid(score) in (0, 1), the conversation
+    built exactly as in its training pairs (system "You are {description}.", user turn, assistant reply)."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, max_length: int = 256) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **kwargs: Any) -> PersonaRewardScorer:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        if model.config.num_labels != 1:
+            raise ValueError(f"{folder} is not a reward model (num_labels={model.config.num_labels}, expected 1).")
+        return cls(model, AutoTokenizer.from_pretrained(folder), **kwargs)
+
+    @torch.no_grad()
+    def score(self, descriptions: Sequence[str], prompts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
+        if not (len(descriptions) == len(prompts) == len(replies)):
+            raise ValueError("descriptions, prompts and replies must have the same length.")
+        texts = [self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": f"You are {d}."}, {"role": "user", "content": p},
+             {"role": "assistant", "content": r}], tokenize=False) for d, p, r in zip(descriptions, prompts, replies)]
+        out = []
+        self.tokenizer.padding_side = "right"
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length, add_special_tokens=False)
+            out.append(torch.sigmoid(self.model(**enc).logits[:, 0].float()))
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def reward_components(prompts: Sequence[str], replies: Sequence[str], personas: Sequence[str],
@@ -69,7 +111,7 @@ def reward_components(prompts: Sequence[str], replies: Sequence[str], personas: 
     n = len(replies)
     if not (len(prompts) == len(personas) == n):
         raise ValueError("prompts, replies and personas must have the same length.")
-    known = set(ctx.examples or ()) | set(getattr(ctx.classifier, "labels", ()) or ())
+    known = set(ctx.examples or ()) | set(getattr(ctx.classifier, "labels", ()) or ()) | set(ctx.descriptions or ())
     unknown = sorted({p for p in personas if p and known and p not in known})
     if unknown:  # "" (no persona in the prompt) scores 0 on the persona components
         raise ValueError(f"Unknown personas {unknown}; the reward knows {sorted(known)}.")
@@ -95,6 +137,15 @@ def reward_components(prompts: Sequence[str], replies: Sequence[str], personas: 
         labels = ctx.classifier.labels
         out["classifier_confidence"] = np.array(
             [probs[i, labels.index(p)] if p in labels else 0.0 for i, p in enumerate(personas)])
+    if ctx.reward_model is not None:
+        if not ctx.descriptions:
+            raise ValueError("The persona_reward component needs the personas' descriptions (RewardContext.descriptions).")
+        scored = [i for i, p in enumerate(personas) if p in ctx.descriptions]
+        values = np.zeros(n)
+        if scored:
+            values[scored] = ctx.reward_model.score([ctx.descriptions[personas[i]] for i in scored],
+                                                    [prompts[i] for i in scored], [replies[i] for i in scored])
+        out["persona_reward"] = values
     return out
 
 
