@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(args.seed * 100003 + index * 101 + p_index * 7 + first)
                 context = master_only(peft) if args.adapter == "none" else _nullcontext()
                 with torch.no_grad(), context:
-                    out = runner.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                    out = runner.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=True, temperature=args.temperature, top_p=args.top_p,
                                           repetition_penalty=args.repetition_penalty,
                                           max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                                           pad_token_id=tokenizer.pad_token_id)

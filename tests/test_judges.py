@@ -257,3 +257,43 @@ def test_builder_pools_an_expert_iteration_round(tmp_path):
     assert all(r.response == examples[r.persona] and r.origin == "trained:test:lora" for r in train.itertuples())
     stats = json.loads((out / "stats.json").read_text())
     assert stats["selected_origin"] == {"trained:test:lora": 2} and stats["candidates"] == 8
+
+
+def test_expert_iteration_sampler_writes_resumable_shards_from_a_trained_folder(tmp_path):
+    """Round 2 samples from a saved PersonaWeave folder through each persona's LoRA sub-personality, in the
+    round-1 shard layout (same index and turns), and skips shards that exist."""
+    import json
+
+    import pandas as pd
+
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+    from personaweave.testing import tiny_persona_model
+
+    sampler = _script("sample_trained_candidates")
+    model, tokenizer = tiny_persona_model()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    names = list(model.config.persona_names)
+    peft = None
+    for name in names:
+        peft = add_sub_personality(peft or model, name, lora_config(r=2, alpha=4))
+    save_sub_personalities(peft, str(folder))
+    round1 = tmp_path / "round1"
+    round1.mkdir()
+    turns = [{"prompt": "hello there", "source": "t", "split": "test"},
+             {"prompt": "what now", "source": "t", "split": "train"}, {"prompt": "why so", "source": "t", "split": "train"}]
+    (round1 / "turns.json").write_text(json.dumps({"turns": turns, "settings": {"turns_per_shard": 1}}))
+    out = tmp_path / "round2"
+    argv = ["--model", str(folder), "--round1", str(round1), "--out", str(out), "--num_samples", "2",
+            "--max_new_tokens", "3", "--dtype", "float32"]
+    assert sampler.main(argv + ["--max_shards", "1"]) == 0
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.parquet"]  # test turns are not sampled
+    frame = pd.read_parquet(out / "shard-00001.parquet")
+    assert len(frame) == len(names) * 2 and set(frame["persona"]) == set(names)
+    assert set(frame["origin"]) == {"trained:model:lora"} and set(frame["prompt"]) == {"what now"}
+    before = (out / "shard-00001.parquet").stat().st_mtime_ns
+    assert sampler.main(argv) == 0  # resumes: shard 1 kept, shard 2 written
+    assert (out / "shard-00001.parquet").stat().st_mtime_ns == before and (out / "shard-00002.parquet").exists()
+    with pytest.raises(SystemExit, match="turns.json"):
+        sampler.main(["--model", str(folder), "--round1", str(tmp_path / "nothing"), "--out", str(out)])
