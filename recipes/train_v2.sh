@@ -10,12 +10,18 @@ cd "$(dirname "$0")/.."
 ACCEL=${1:-recipes/accelerate/cpu.yaml}
 # extra trainer flags, e.g. TRAIN_FLAGS="--bf16 true --use_cpu true" on CPUs with AMX-bf16
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
+# GENERATE=0 trains on the shards there are (e.g. while generation runs elsewhere); BUILD_FLAGS, e.g.
+# "--max_judge 0", are passed to the dataset builder
+GENERATE=${GENERATE:-1}
+BUILD_FLAGS=${BUILD_FLAGS:-}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SHARDS=datasets_scripts/shards/v2
 DATA=personaweave/data/persona_dialogues_v2
 
-python datasets_scripts/generate_candidates.py --out "$SHARDS" --turns_per_shard 8 --splits train validation
-python datasets_scripts/build_persona_dialogues_v2.py --shards "$SHARDS" --out "$DATA"
+if [ "$GENERATE" = 1 ]; then
+    python datasets_scripts/generate_candidates.py --out "$SHARDS" --turns_per_shard 8 --splits train validation
+fi
+python datasets_scripts/build_persona_dialogues_v2.py --shards "$SHARDS" --out "$DATA" $BUILD_FLAGS
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona_v2.yaml $TRAIN_FLAGS
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality_v2.yaml $TRAIN_FLAGS
 accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo.yaml $TRAIN_FLAGS

@@ -60,6 +60,15 @@ class TurnRow(Base):
 SYNCHRONOUS = ("FULL", "NORMAL")
 
 
+def _write_state(session: Session, row: Optional[UserRow], user_id: str, state: dict[str, Any]) -> None:
+    """Insert the user's row (flushed, so turns can reference it) or update its state."""
+    if row is None:
+        session.add(UserRow(id=user_id, state=json.dumps(state)))
+        session.flush()
+    else:
+        row.state, row.updated = json.dumps(state), time.time()
+
+
 def _parse_state(user_id: str, raw: str) -> dict[str, Any]:
     try:
         state = json.loads(raw)
@@ -135,23 +144,14 @@ class Storage:
 
     def save_state(self, user_id: str, state: dict[str, Any]) -> None:
         with Session(self.writer) as session, session.begin():
-            row = session.get(UserRow, user_id)
-            if row is None:
-                session.add(UserRow(id=user_id, state=json.dumps(state)))
-            else:
-                row.state, row.updated = json.dumps(state), time.time()
+            _write_state(session, session.get(UserRow, user_id), user_id, state)
 
     def add_exchange(self, user_id: str, state: dict[str, Any], turns: list[tuple[str, str, Optional[str],
                                                                              Optional[np.ndarray]]]) -> None:
         """The user's turn, the reply and the new state in one transaction: all or nothing. The state
         is written as given: for a change of the stored state, use `update_exchange`."""
         with Session(self.writer) as session, session.begin():
-            row = session.get(UserRow, user_id)
-            if row is None:
-                session.add(UserRow(id=user_id, state=json.dumps(state)))
-                session.flush()
-            else:
-                row.state, row.updated = json.dumps(state), time.time()
+            _write_state(session, session.get(UserRow, user_id), user_id, state)
             self._add_turns(session, user_id, turns)
 
     def update_exchange(self, user_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
@@ -181,11 +181,7 @@ class Storage:
                                 .on_conflict_do_nothing())
             row = session.get(UserRow, user_id, with_for_update=True)  # FOR UPDATE (SQLite: BEGIN IMMEDIATE)
             state = change(_parse_state(user_id, row.state) if row is not None else {})
-            if row is None:
-                session.add(UserRow(id=user_id, state=json.dumps(state)))
-                session.flush()
-            else:
-                row.state, row.updated = json.dumps(state), time.time()
+            _write_state(session, row, user_id, state)
             self._add_turns(session, user_id, turns)
             return state
 
