@@ -369,7 +369,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"personaweave serve: http://{args.host}:{args.port} - " + (
         f"{len(keys)} API key(s), each its own tenant" if keys else
         "no API keys: loopback only, without authentication"), file=sys.stderr, flush=True)
+    if args.backend == "onnx" and (not args.onnx_dir or args.adaptive):
+        raise SystemExit("error: --backend onnx needs --onnx-dir (a `personaweave export onnx` folder of this model) "
+                         "and serves its fixed personas: it cannot be combined with --adaptive.")
     model, tokenizer = _load(args)
+    decoder = None
+    if args.backend == "onnx":
+        from personaweave.serving.onnx_backend import OnnxDecoder, check_graph_matches
+
+        try:
+            check_graph_matches(model, args.onnx_dir)
+            decoder = OnnxDecoder(args.onnx_dir, args.onnx_file, threads=args.threads)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"personaweave serve: ONNX Runtime backend, {decoder.path}", file=sys.stderr, flush=True)
     if args.dtype != "float32" or args.threads:
         import torch
 
@@ -389,7 +402,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_batch=args.max_batch,
                              experiment=experiment, experiment_name=args.ab_name, pool_size=args.pool_size,
                              max_queue=args.max_queue, max_streams=args.max_streams,
-                             request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens)
+                             request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens,
+                             decoder=decoder)
     _say_when_listening(args.host, args.port, model.config.persona_names + (["auto"] if adapter else [])
                         + (["ab"] if experiment else []))
     uvicorn.run(create_app(service, api_keys=keys), host=args.host, port=args.port, log_level="warning",
@@ -546,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and activations; bfloat16 is faster on CPUs with AMX and on GPUs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="what runs the forward passes: PyTorch, or ONNX Runtime on a graph from `personaweave export "
+                        "onnx` (--onnx-dir; the graph's fixed personas only: no blends, no --adaptive)")
+    p.add_argument("--onnx-dir", help="with --backend onnx: the `export onnx` folder of the served model")
+    p.add_argument("--onnx-file", help="with --backend onnx: the graph file in --onnx-dir (default: "
+                                       "model_quantized.onnx when present, else model.onnx)")
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help="an accepted API key (repeatable; each key is its own tenant of users). Also "
                         "--api-key-file and the PERSONAWEAVE_API_KEYS variable (comma-separated). Without any "

@@ -301,14 +301,20 @@ class PersonaService:
                  history_turns: int = 6,
                  experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
                  pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
-                 max_prompt_tokens: Optional[int] = None) -> None:
+                 max_prompt_tokens: Optional[int] = None, decoder: Any = None) -> None:
+        """`decoder`: what runs the forward passes instead of `model` (e.g. `onnx_backend.OnnxDecoder`); it
+        holds a fixed bank, so blends and `auto` are then refused."""
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
+        self.dynamic_personas = decoder is None
+        if decoder is not None and adapter is not None:
+            raise ValueError("The adaptation engine ('auto') needs the PyTorch backend: an exported graph holds a "
+                             "fixed persona bank.")
         self.memory, self.adapter = memory, adapter
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
         self.user_locks = UserLocks()
         self.model_lock = FairLock()  # bank edits and decode steps do not interleave; edits wait one step at most
         # requests join and leave the running batch between decode steps (without batching: one at a time)
-        self.batcher = ContinuousBatcher(model, self.model_lock, max_batch if batching else 1, max_queue,
+        self.batcher = ContinuousBatcher(decoder or model, self.model_lock, max_batch if batching else 1, max_queue,
                                          eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id)
         self.max_streams, self.request_timeout = max_streams, request_timeout
         self.metrics = Metrics()
@@ -365,6 +371,9 @@ class PersonaService:
                 raise HTTPException(400, "model 'ab' needs a `user`: the assignment is per user.")
             return None
         if spec.startswith("blend:"):
+            if not self.dynamic_personas:
+                raise HTTPException(400, "Blends need the PyTorch backend: this server runs an exported ONNX graph, "
+                                         f"which holds a fixed set of personas: {names}.")
             try:
                 weights = parse_blend(spec[len("blend:"):])
             except ValueError as err:
