@@ -15,7 +15,9 @@ Rows:
 - `sample_1`: the first of the N sampled candidates (temperature 0.9, persona in the system prompt);
 - `best_of_n`: the selection judge's pick among the N candidates (the data v2 is made of: the ceiling
   that training on it aims for);
-- `blend_*`: 50/50 blends on the master (share of replies identified as either parent).
+- `blend_*`: 50/50 blends on the master (share of replies identified as either parent);
+- `token_ppo` (with `--ppo_run DIR`): the persona's tokens on the PPO policy of `recipes/ppo.py` (its LoRA
+  adapter on the master with `--ppo_start_adapter`, e.g. the DPO adapter, merged in: where PPO started).
 
     python recipes/persona_quality.py --config recipes/configs/persona_quality.yaml
 """
@@ -52,6 +54,9 @@ class PersonaQualityArguments:
                                                     "best_of_n", "blends"],
                             metadata={"help": "Which rows to compute."})
     output: str = field(default="outputs/persona_quality.json", metadata={"help": "The JSON report."})
+    ppo_run: Optional[str] = field(default=None, metadata={"help": "A recipes/ppo.py output_dir: adds the `token_ppo` row."})
+    ppo_start_adapter: Optional[str] = field(default="dpo", metadata={
+        "help": "The adapter of --model that PPO started from (merged in before the PPO adapter), or none."})
 
 
 def make_parser() -> TrlParser:
@@ -126,6 +131,20 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         set_sub_personality(peft, "dpo")
         replies["token_dpo"] = generate([chat(n, t, model=model) for n, t in zip(targets, prompts)], peft)
         timing["token_dpo"] = time.time() - start
+    if args.ppo_run:
+        from peft import PeftModel
+
+        fresh, _, _ = load_model(args.model, with_adapters=False)
+        if args.ppo_start_adapter and args.ppo_start_adapter != "none":
+            sys.path.insert(0, os.path.dirname(__file__))
+            from ppo import merged_adapter
+
+            fresh = merged_adapter(fresh, args.model, args.ppo_start_adapter)
+        policy = PeftModel.from_pretrained(fresh, os.path.join(args.ppo_run, "final")).eval()
+        start = time.time()
+        replies["token_ppo"] = generate([chat(n, t, model=fresh) for n, t in zip(targets, prompts)], policy)
+        timing["token_ppo"] = time.time() - start
+        del policy, fresh
     if "sample_1" in args.rows:
         first = candidates[candidates["sample"] == 0]
         lookup = {(r.prompt, r.persona): r.reply_trimmed for r in first.itertuples()}

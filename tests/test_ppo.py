@@ -172,3 +172,30 @@ def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
     assert len(mixed) == 12 and any(r["rejected"][0]["content"].startswith("butler") for r in mixed)
     with pytest.raises(SystemExit, match="pair_source"):
         recipe.pairs(recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="nope"), "test", None, 0)
+
+
+def test_ppo_can_start_from_a_saved_adapter_merged_into_the_master(tmp_path):
+    """`start_adapter: dpo`: PPO's starting policy (and reference) is the master with that adapter merged in,
+    i.e. it computes what the master + the active adapter computed."""
+    ppo = load_recipe("ppo")
+    from personaweave.models import PersonaWeaveForCausalLM
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+    from personaweave.testing import tiny_persona_model
+
+    model, tok = tiny_persona_model()
+    model.save_pretrained(tmp_path)
+    peft = add_sub_personality(model, "dpo", lora_config(r=2, alpha=4))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_sub_personalities(peft, str(tmp_path))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = peft.eval()(input_ids=ids).logits
+        merged = ppo.merged_adapter(PersonaWeaveForCausalLM.from_pretrained(tmp_path), str(tmp_path), "dpo").eval()
+        plain = PersonaWeaveForCausalLM.from_pretrained(tmp_path).eval()
+        got, before = merged(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before, expected, atol=1e-3)  # the adapter did change the model
