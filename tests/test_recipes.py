@@ -132,6 +132,10 @@ def test_ppo_config_parses():
     script, args = TrlParser((ppo.PPOScriptArguments, ppo.PPOConfig)).parse_args_and_config(
         ["--config", str(RECIPES / "configs" / "ppo.yaml")])
     assert script.reward_weights["goal"] == 1.0 and args.kl_coef == 0.05
+    script, args = TrlParser((ppo.PPOScriptArguments, ppo.PPOConfig)).parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "ppo_v2.yaml")])
+    assert script.start_adapter == "dpo" and script.reward_weights["persona_reward"] == 1.0
+    assert script.reward_model.endswith("reward_model_v2/final")
 
 
 def test_maml_config_parses():
