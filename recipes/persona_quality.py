@@ -156,14 +156,15 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
 
     table: dict[str, Any] = {}
     for row, texts in replies.items():
-        ev = evaluation.judge(prompts, texts, targets)
-        sel = selection.judge(prompts, texts, targets)
+        with master_only(peft):  # fluency is the *bare* base's likelihood: no LoRA adapter may be active
+            ev = evaluation.judge(prompts, texts, targets)
+            sel = selection.judge(prompts, texts, targets)
         table[row] = {"evaluation_judge": ev.summary(),
                       "selection_judge": {k: sel.summary()[k] for k in ("persona_accuracy", "persona_prob", "score")},
                       "per_persona_accuracy": {n: float(sum(p == n for p, t in zip(ev.predicted, targets) if t == n)
                                                         / max(1, targets.count(n))) for n in names},
                       "mean_words": sum(len(t.split()) for t in texts) / max(1, len(texts)),
-                      "seconds": round(timing.get(row, 0.0), 1),
+                      "seconds": round(timing.get(row, 0.0), 1), "replies": texts,
                       "examples": [{"persona": n, "user": t, "reply": r}
                                    for n, t, r in list(zip(targets, prompts, texts))[:: max(1, len(texts) // 8)]]}
     if "blends" in args.rows:
@@ -173,7 +174,7 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
                 model.add_persona(name, blend={a: 0.5, b: 0.5}, tokenizer=tokenizer)
             with master_only(peft):
                 texts = generate([chat(name, t, model=model) for t in turns], model)
-            ev = evaluation.judge(turns, texts, [a] * len(texts))
+                ev = evaluation.judge(turns, texts, [a] * len(texts))
             table[name] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
                            f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
                            f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
