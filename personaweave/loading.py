@@ -66,6 +66,10 @@ def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2)
                 shutil.copy(os.path.join(src, name, "adapter_config.json"), dst)
                 save_file({k: v.half().contiguous() for k, v in load_file(adapter).items()},
                           os.path.join(dst, "adapter_model.safetensors"))
+        for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp create owner-only files and folders
+            for entry in dirs + files:
+                os.chmod(os.path.join(root, entry), 0o755 if entry in dirs else 0o644)
+        os.chmod(tmp, 0o755)
         replace_folder(tmp, os.path.abspath(out_dir))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

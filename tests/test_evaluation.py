@@ -59,6 +59,10 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
             master = peft(input_ids=ids).logits
 
     export_persona_checkpoint(str(tmp_path / "trained"), str(tmp_path / "ckpt"), base=str(tmp_path / "base"))
+    import stat
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").rglob("*")}
+    assert all(m & 0o044 == 0o044 for m in modes.values()), modes  # readable by others: a checkpoint to ship
     loaded, loaded_tok, loaded_peft = load_pretrained_personas(str(tmp_path / "ckpt"))
     assert loaded.config.persona_names == ["robot", "pirate"]
     assert torch.equal(encode(loaded_tok, "robot"), ids)
