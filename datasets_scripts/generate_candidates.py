@@ -49,14 +49,13 @@ def ordered_turns(num_turns: int, sources: list[str], shared: str, seed: int, va
 
 
 @torch.no_grad()
-def sample_replies(model, tokenizer, conversations: list[tuple[str, str]], num_samples: int, max_new_tokens: int,
+def sample_replies(model, tokenizer, conversations: list[list[dict[str, str]]], num_samples: int, max_new_tokens: int,
                    temperature: float, top_p: float, repetition_penalty: float, seed: int) -> list[list[tuple[str, int]]]:
-    """`num_samples` sampled replies for each (system prompt, user turn) pair, in one batched generate call."""
-    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=False) for system, p in conversations]
+    """`num_samples` sampled (reply, new tokens) for each chat-format conversation, in one batched generate call."""
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=True, temperature=temperature, top_p=top_p,
                          repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                          num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id)
     new = out[:, enc["input_ids"].shape[1]:]
@@ -130,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [(turn, p_index, persona) for p_index, persona in enumerate(personas) for turn in shard]
         for call, first in enumerate(range(0, len(pairs), args.pairs_per_call)):
             chunk = pairs[first:first + args.pairs_per_call]
-            conversations = [(SYSTEM_TEMPLATE.format(description=persona.description), turn["prompt"])
-                             for turn, _, persona in chunk]
+            conversations = [[{"role": "system", "content": SYSTEM_TEMPLATE.format(description=persona.description)},
+                              {"role": "user", "content": turn["prompt"]}] for turn, _, persona in chunk]
             samples = sample_replies(model, tokenizer, conversations, args.num_samples, args.max_new_tokens,
                                      args.temperature, args.top_p, args.repetition_penalty,
                                      seed=args.seed * 100003 + index * 101 + call)

@@ -19,13 +19,16 @@ Resumable like round 1: existing shards are skipped, each shard is written to a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from generate_candidates import sample_replies  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,26 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             runner = model if args.adapter == "none" or peft is None else peft
             for first in range(0, len(shard), args.batch_size):
                 chunk = shard[first:first + args.batch_size]
-                texts = [tokenizer.apply_chat_template(chat(name, t["prompt"], model=model), add_generation_prompt=True,
-                                                       tokenize=False) for t in chunk]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                torch.manual_seed(args.seed * 100003 + index * 101 + p_index * 7 + first)
-                context = master_only(peft) if args.adapter == "none" else _nullcontext()
-                with torch.no_grad(), context:
-                    out = runner.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                          repetition_penalty=args.repetition_penalty,
-                                          max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
-                                          pad_token_id=tokenizer.pad_token_id)
-                new = out[:, enc["input_ids"].shape[1]:]
-                decoded = [re.sub(r"\s+", " ", d).strip() for d in tokenizer.batch_decode(new, skip_special_tokens=True)]
-                lengths = (new != tokenizer.pad_token_id).sum(dim=1).tolist()
-                for i, turn in enumerate(chunk):
-                    for j in range(args.num_samples):
-                        k = i * args.num_samples + j
-                        new_tokens += lengths[k]
+                context = master_only(peft) if args.adapter == "none" else contextlib.nullcontext()
+                with context:
+                    samples = sample_replies(runner, tokenizer, [chat(name, t["prompt"], model=model) for t in chunk],
+                                             args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
+                                             args.repetition_penalty,
+                                             seed=args.seed * 100003 + index * 101 + p_index * 7 + first)
+                for turn, replies in zip(chunk, samples):
+                    for j, (reply, length) in enumerate(replies):
+                        new_tokens += length
                         rows.append({"shard": index, "prompt": turn["prompt"], "source": turn["source"],
                                      "split": turn["split"], "persona": name, "description": descriptions.get(name, ""),
-                                     "sample": j, "reply": decoded[k], "new_tokens": lengths[k],
+                                     "sample": j, "reply": reply, "new_tokens": length,
                                      "dtype": args.dtype, "origin": origin})
         seconds = time.time() - start
         tmp = path + ".tmp"
@@ -132,12 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"shard": index, "rows": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 1),
                           "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1), "origin": origin}), flush=True)
     return 0
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

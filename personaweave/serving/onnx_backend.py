@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-DEFAULT_GRAPH = "model_quantized.onnx"  # `export onnx --quantize int8`: 3.2x PyTorch fp32 per token here
+DEFAULT_GRAPH = "model_quantized.onnx"  # `export onnx --quantize int8` (speed: benchmarks/RESULTS.md)
 
 
 @dataclass
