@@ -67,3 +67,53 @@ def test_dpo_smoke_moves_the_policy_towards_chosen(tmp_path):
             before = [_pair_logp(peft, tokenizer, r, k) for r in rows]
     # DPO's objective: the chosen reply gains log-probability relative to the rejected one, vs the reference
     assert sum(a - b for a, b in zip(after, before)) / len(rows) > 0.0
+
+
+def test_dpo_per_persona_trains_each_persona_lora_against_a_copy_of_itself(tmp_path):
+    """`--per_persona_adapters`: each persona's own LoRA moves towards its chosen replies, relative to
+    the LoRA it started from; a persona without pairs keeps its adapter as it was; reruns skip."""
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import (add_sub_personality, lora_config, save_sub_personalities,
+                                                set_sub_personality)
+    from personaweave.testing import tiny_persona_model, vocabulary
+
+    rows = [{"persona": persona, "prompt": prompt, "chosen": chosen, "rejected": "ok fine whatever",
+             "chosen_score": 0.8, "rejected_score": 0.1}
+            for persona, chosen in (("pirate", "arr matey the sea"), ("butler", "very good sir indeed"))
+            for prompt in ("what should i read today", "hello how are you")]
+    for split in ("train", "validation"):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+    torch.manual_seed(0)
+    model, tokenizer = tiny_persona_model(extra_words=vocabulary([w for r in rows for w in r.values()
+                                                                 if isinstance(w, str)]))
+    master = tmp_path / "master"
+    model.save_pretrained(master)
+    tokenizer.save_pretrained(master)
+    peft = None
+    for name in ("pirate", "butler", "robot"):
+        peft = add_sub_personality(peft or model, name, lora_config(r=2, alpha=4))
+    save_sub_personalities(peft, str(master))
+    k = model.config.num_persona_tokens
+    recipe = _recipe()
+    script_args, training_args = recipe.make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "configs" / "dpo_smoke.yaml"), "--preferences_dir", str(tmp_path),
+         "--tiny_random_base", "false", "--master_model", str(master), "--per_persona_adapters", "true",
+         "--output_dir", str(tmp_path / "run"), "--max_steps", "4"])
+    final = recipe.main(script_args, training_args)
+
+    def margins(folder, persona):
+        _, tok, peft = load_model(str(folder))
+        set_sub_personality(peft, persona)
+        with torch.no_grad():
+            return [_pair_logp(peft, tok, r, k) for r in rows if r["persona"] == persona]
+
+    for persona in ("pirate", "butler"):
+        after, before = margins(final, persona), margins(master, persona)
+        assert sum(a - b for a, b in zip(after, before)) / len(after) > 0.0
+    from safetensors.torch import load_file
+
+    untouched = [load_file(str(d / "adapters" / "robot" / "adapter_model.safetensors")) for d in (master, Path(final))]
+    assert all(torch.equal(untouched[0][key], untouched[1][key]) for key in untouched[0])
+    stamp = (Path(final) / "adapters" / "pirate" / "adapter_model.safetensors").stat().st_mtime_ns
+    recipe.main(script_args, training_args)  # resumes: finished personas are skipped
+    assert (Path(final) / "adapters" / "pirate" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
