@@ -50,12 +50,12 @@ def judge_shard(path: str, judge, out_path: str):
     return frame
 
 
-def select(frame, threshold: float, pair_margin: float):
+def select(frame, threshold: float, pair_margin: float, persona_set: str = "default"):
     """(sft rows, preference rows, counts) from judged candidates."""
     from personaweave.models.personas import TRAITS
-    from personaweave.zoo import load_default_personas
+    from personaweave.zoo import load_persona_set
 
-    personas = {p.name: p for p in load_default_personas()}
+    personas = {p.name: p for p in load_persona_set(persona_set)}
     sft, pairs = [], []
     counts = {"groups": 0, "kept": 0, "below_threshold": 0, "all_defective": 0, "pairs": 0}
     for (prompt, persona), group in frame.groupby(["prompt", "persona"], sort=False):
@@ -189,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from personaweave.evaluation.judges import SelectionJudge
-    from personaweave.zoo import load_base, load_default_personas
+    from personaweave.zoo import load_base, load_persona_set
 
     start = time.time()
     shards = [path for folder in args.shards for path in sorted(glob.glob(os.path.join(folder, "shard-*.parquet")))]
     if not shards:
         raise SystemExit(f"error: no candidate shards in {', '.join(args.shards)}")
+    # the generation settings of the first folder; its persona set is the judge's and the data's
+    settings = json.load(open(os.path.join(args.shards[0], "turns.json"), encoding="utf-8"))["settings"]
+    persona_set = settings.get("personas", "default")
     judge = None
     frames = []
     first = set(args.judge_first or [])
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         judged_new += 1
         if judge is None:
             model, tokenizer = load_base()
-            judge = SelectionJudge.from_personas(load_default_personas(), base_model=model.eval(), tokenizer=tokenizer)
+            judge = SelectionJudge.from_personas(load_persona_set(persona_set), base_model=model.eval(), tokenizer=tokenizer)
         shard_start = time.time()
         frames.append(judge_shard(path, judge, judged))
         print(json.dumps({"judged": os.path.basename(path), "seconds": round(time.time() - shard_start, 1)}), flush=True)
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if "origin" not in frame:
         frame["origin"] = "base:prompted"
     frame["origin"] = frame["origin"].fillna("base:prompted")
-    sft, pairs, counts = select(frame, args.threshold, args.pair_margin)
+    sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set)
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     for split in SPLITS:
@@ -232,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame(part).to_parquet(os.path.join(args.out, f"{split}.parquet"), index=False)
         pair_part = [{k: v for k, v in r.items() if k != "split"} for r in pairs if r["split"] == split]
         pd.DataFrame(pair_part).to_parquet(os.path.join(args.out, f"preferences_{split}.parquet"), index=False)
-    settings = json.load(open(os.path.join(args.shards[0], "turns.json"), encoding="utf-8"))["settings"]
     stats = {"shards": len(frames), "shards_not_judged": len(shards) - len(frames), "candidates": len(frame), "new_tokens": int(frame["new_tokens"].sum()),
              "turns": int(frame["prompt"].nunique()),
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="bfloat16 runs ~1.7x faster on CPUs with AMX (shards 0-15 were sampled in float32)")
     parser.add_argument("--pairs_per_call", type=int, default=16,
                         help="(turn, persona) pairs per generate call; x num_samples sequences per batch")
+    parser.add_argument("--personas", default="default", choices=["default", "style"],
+                        help="persona set (personaweave.zoo.load_persona_set): the eight defaults or the 64 "
+                             "composed style personas of issue 15 (recorded in turns.json for the builder)")
     parser.add_argument("--splits", nargs="+", default=["test", "validation", "train"],
                         help="shards holding turns of these splits, in this order of priority")
     args = parser.parse_args(argv)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from personaweave.zoo import load_default_personas, smollm2_folder
+    from personaweave.zoo import load_persona_set, smollm2_folder
 
     turns = ordered_turns(args.num_turns, args.sources, args.shared_data, args.seed, args.val_share, args.test_share)
     os.makedirs(args.out, exist_ok=True)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    personas = load_default_personas()
+    personas = load_persona_set(args.personas)
 
     shards = [turns[i:i + args.turns_per_shard] for i in range(0, len(turns), args.turns_per_shard)]
     # Shard indices stay those of the full, ordered turn list (so resuming finds the same shards);

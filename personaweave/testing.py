@@ -107,3 +107,22 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class BagOfWordsEncoder:
+    """A deterministic stand-in for MiniLM in tests: hashed bag of words, unit vectors."""
+
+    dim = 256
+
+    def encode(self, texts):
+        import re
+        import zlib
+
+        import numpy
+
+        out = numpy.zeros((len(texts), self.dim), dtype=numpy.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"[a-z']+", text.lower()):
+                out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
+        norms = numpy.linalg.norm(out, axis=1, keepdims=True)
+        return out / numpy.maximum(norms, 1e-8)

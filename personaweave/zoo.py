@@ -94,3 +94,54 @@ def load_default_personas():
 
     text = resources.files("personaweave.data").joinpath("default_personas.json").read_text("utf-8")
     return [Persona.from_dict(p) for p in json.loads(text)]
+
+
+STYLE_PERSONAS_FILE = "style_personas.json"
+
+
+def load_style_personas(which: str = "train"):
+    """Composed style personas (issue 15): every role x temperament x speech habit of
+    `style_personas.json`, e.g. `chef-gloomy-asks` = "a gloomy chef who relates everything to cooking
+    and food and always ends by asking the user a question".
+
+    `which` is "train" (the combinations the description map may learn from), "unseen" (eight
+    combinations kept out of all training and data selection: each role, temperament and habit of
+    them is seen in training only in other combinations) or "all". Traits are the role's, shifted by
+    the temperament and habit and clipped to [0, 1]; example lines (for the selection judge only) are
+    the role's and the temperament's.
+    """
+    from personaweave.models.personas import TRAITS, Persona
+
+    if which not in ("train", "unseen", "all"):
+        raise ValueError(f"which must be 'train', 'unseen' or 'all', not {which!r}.")
+    spec = json.loads(resources.files("personaweave.data").joinpath(STYLE_PERSONAS_FILE).read_text("utf-8"))
+    unseen = set(spec["unseen"])
+    out = []
+    for role_name, role in spec["roles"].items():
+        for temper_name, temper in spec["temperaments"].items():
+            for habit_name, habit in spec["habits"].items():
+                name = f"{role_name}-{temper_name}-{habit_name}"
+                if which != "all" and (name in unseen) != (which == "unseen"):
+                    continue
+                traits = {t: 0.5 for t in TRAITS} | role["traits"]
+                for delta in (temper["traits"], habit["traits"]):
+                    for t, d in delta.items():
+                        traits[t] = traits[t] + d
+                traits = {t: round(min(1.0, max(0.0, v)), 3) for t, v in traits.items()}
+                article = "an" if temper["adj"][0] in "aeiou" else "a"
+                description = f"{article} {temper['adj']} {role['noun']} who {role['clause']} and {habit['clause']}"
+                out.append(Persona(name, description, traits, [*role["examples"], *temper["examples"]]))
+    return out
+
+
+PERSONA_SETS = ("default", "style")
+
+
+def load_persona_set(name: str = "default"):
+    """A persona set by name: "default" (the eight shipped personas) or "style" (the 64 composed
+    training personas of `load_style_personas`)."""
+    if name == "default":
+        return load_default_personas()
+    if name == "style":
+        return load_style_personas("train")
+    raise ValueError(f"Unknown persona set {name!r}; known: {list(PERSONA_SETS)}.")

@@ -7,14 +7,13 @@ import builtins
 import importlib.util
 import json
 import os
-import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from personaweave.evaluation.judges import EvaluationJudge, SelectionJudge, load_eval_anchors, penalties
+from personaweave.testing import BagOfWordsEncoder
 from personaweave.zoo import load_default_personas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,20 +28,6 @@ def _script(name: str):
     sys.path.insert(0, str(SCRIPTS))
     spec.loader.exec_module(module)
     return module
-
-
-class BagOfWordsEncoder:
-    """A deterministic stand-in for MiniLM: hashed bag of words, unit vectors."""
-
-    dim = 256
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"[a-z']+", text.lower()):
-                out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-8)
 
 
 def test_penalties_flag_each_defect():

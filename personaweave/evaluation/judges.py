@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 ANCHORS_FILE = "eval_anchors.json"
+STYLE_ANCHORS_FILE = "eval_anchors_style.json"
 HARD_PENALTIES = ("empty", "repetition", "restates_description", "breaks_character")
 
 
@@ -35,6 +36,20 @@ def load_eval_anchors() -> dict[str, list[str]]:
     """The held-out, hand-written in-voice lines of the default personas (evaluation only)."""
     text = resources.files("personaweave.data").joinpath(ANCHORS_FILE).read_text("utf-8")
     return {name: list(lines) for name, lines in json.loads(text)["anchors"].items()}
+
+
+def load_style_eval_anchors(names: Sequence[str]) -> dict[str, list[str]]:
+    """Held-out lines for composed style personas (`role-temperament-habit`, see
+    `personaweave.zoo.load_style_personas`): the role's and the temperament's anchor lines."""
+    text = resources.files("personaweave.data").joinpath(STYLE_ANCHORS_FILE).read_text("utf-8")
+    spec = json.loads(text)
+    out = {}
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] not in spec["roles"] or parts[1] not in spec["temperaments"]:
+            raise KeyError(f"{name!r} is not a composed style persona (role-temperament-habit).")
+        out[name] = [*spec["roles"][parts[0]], *spec["temperaments"][parts[1]]]
+    return out
 
 
 # --- shared measurements ------------------------------------------------------------------------
@@ -197,18 +212,31 @@ class EvaluationJudge(_Judge):
     @classmethod
     def from_default_personas(cls, encoder: Any = None, base_model: Any = None, tokenizer: Any = None,
                               anchors: Optional[Mapping[str, Sequence[str]]] = None) -> EvaluationJudge:
-        from personaweave.encoders import default_encoder
         from personaweave.zoo import load_default_personas
 
+        return cls.from_personas(load_default_personas(), anchors or load_eval_anchors(), encoder, base_model, tokenizer)
+
+    @classmethod
+    def from_personas(cls, personas: Sequence[Any], anchors: Mapping[str, Sequence[str]], encoder: Any = None,
+                      base_model: Any = None, tokenizer: Any = None) -> EvaluationJudge:
+        """A judge over any closed set of personas: each one's description + its held-out anchor lines."""
+        from personaweave.encoders import default_encoder
+
         encoder = encoder or default_encoder()
-        anchors = anchors or load_eval_anchors()
-        descriptions = {p.name: p.description for p in load_default_personas()}
+        descriptions = {p.name: p.description for p in personas}
         missing = sorted(set(descriptions) - set(anchors))
         if missing:
             raise ValueError(f"No evaluation anchors for {missing}.")
         texts = {name: [descriptions[name], *anchors[name]] for name in descriptions}
         names, protos = _prototypes(encoder, texts)
         return cls(names, protos, encoder, descriptions, base_model, tokenizer)
+
+    @classmethod
+    def from_style_personas(cls, personas: Sequence[Any], encoder: Any = None, base_model: Any = None,
+                            tokenizer: Any = None) -> EvaluationJudge:
+        """A judge over composed style personas, from `eval_anchors_style.json`."""
+        anchors = load_style_eval_anchors([p.name for p in personas])
+        return cls.from_personas(personas, anchors, encoder, base_model, tokenizer)
 
 
 class SelectionJudge(_Judge):

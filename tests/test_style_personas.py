@@ -1,0 +1,67 @@
+"""Composed style personas (issue 15): 64 for training, 8 combinations kept unseen, and their own
+evaluation anchors, held apart from the selection judge's example lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from personaweave.evaluation.judges import EvaluationJudge, load_style_eval_anchors
+from personaweave.testing import BagOfWordsEncoder
+from personaweave.zoo import load_persona_set, load_style_personas
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sixty_four_training_personas_and_eight_unseen_combinations():
+    train, unseen = load_style_personas("train"), load_style_personas("unseen")
+    assert len(train) == 64 and len(unseen) == 8
+    names = [p.name for p in train + unseen]
+    descriptions = [p.description for p in train + unseen]
+    assert len(set(names)) == 72 and len(set(descriptions)) == 72
+    assert {p.name for p in load_style_personas("all")} == set(names)
+    # unseen as combinations, not as parts: every role, temperament and habit of them is trained on
+    seen_parts = [set(p.name.split("-")[i] for p in train) for i in range(3)]
+    for p in unseen:
+        assert all(part in seen for part, seen in zip(p.name.split("-"), seen_parts)), p.name
+    for p in train + unseen:
+        assert all(0.0 <= v <= 1.0 for v in p.traits.values()) and len(p.traits) == 10
+        assert len(p.examples) >= 5
+    assert [p.name for p in load_persona_set("style")] == names[:64]
+
+
+def test_unknown_persona_set_and_selector_are_refused():
+    with pytest.raises(ValueError, match="Unknown persona set"):
+        load_persona_set("everyone")
+    with pytest.raises(ValueError, match="which must be"):
+        load_style_personas("some")
+
+
+def test_style_anchors_are_held_out_from_example_lines_and_data():
+    personas = load_style_personas("all")
+    anchors = load_style_eval_anchors([p.name for p in personas])
+    lines = {line.lower() for group in anchors.values() for line in group}
+    examples = {e.lower() for p in personas for e in p.examples}
+    assert lines and not lines & examples
+    import pandas as pd
+
+    for path in (ROOT / "personaweave" / "data").rglob("*.parquet"):
+        frame = pd.read_parquet(path)
+        for column in ("response", "chosen", "rejected"):
+            if column in frame:
+                assert not {t.lower() for t in frame[column]} & lines, f"a style anchor is in {path}"
+
+
+def test_evaluation_judge_over_unseen_style_personas():
+    unseen = load_style_personas("unseen")
+    judge = EvaluationJudge.from_style_personas(unseen, encoder=BagOfWordsEncoder())
+    assert judge.names == [p.name for p in unseen]
+    spec = json.loads((ROOT / "personaweave" / "data" / "eval_anchors_style.json").read_text())
+    # a role's own anchor line is identified as the unseen persona with that role
+    replies = [spec["roles"][p.name.split("-")[0]][0] for p in unseen]
+    verdicts = judge.judge(["hello"] * len(unseen), replies, [p.name for p in unseen])
+    assert verdicts.summary()["persona_accuracy"] >= 0.75
+    with pytest.raises(KeyError, match="not a composed style persona"):
+        load_style_eval_anchors(["pirate"])
