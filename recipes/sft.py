@@ -56,9 +56,15 @@ class PersonaSFTArguments:
     master_model: Optional[str] = field(default=None,
                                         metadata={"help": "Trained master folder (sub_personality stage)."})
     num_persona_tokens: int = field(default=4, metadata={"help": "Soft vectors (reserved tokens) per persona."})
+    persona_sets: list[str] = field(default_factory=lambda: ["default"], metadata={
+        "help": "Persona stage: the persona sets in the new model's bank (personaweave.zoo.load_persona_set), "
+                "e.g. default style: the 8 defaults + 64 composed style personas, so that the description -> "
+                "soft-vector map learns from many descriptions."})
     tiny_random_base: bool = field(default=False, metadata={"help": "Use a tiny random Llama (tests only)."})
     # Data
     dataset_dir: Optional[str] = field(default=None, metadata={"help": "Dataset folder (default: the shipped one)."})
+    extra_dataset_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "More dataset folders of the same format (e.g. the style personas' data), concatenated."})
     max_train_samples_per_persona: Optional[int] = field(default=None, metadata={"help": "Cap rows per persona."})
     max_eval_samples: Optional[int] = field(default=200, metadata={"help": "Cap validation rows."})
     # LoRA
@@ -91,23 +97,38 @@ def quantization_kwargs(args: PersonaSFTArguments) -> dict:
 
 
 def build_master(args: PersonaSFTArguments):
+    from personaweave.zoo import load_persona_set
+
+    personas = [p for name in args.persona_sets for p in load_persona_set(name)]
     if args.tiny_random_base:
         from personaweave.testing import tiny_persona_model, vocabulary
 
-        train = load_persona_dialogues("train", data_dir=args.dataset_dir)
+        train = load_dialogues(args, "train")
         words = vocabulary(list(train["prompt"]) + list(train["response"]))
-        return tiny_persona_model(num_persona_tokens=args.num_persona_tokens, extra_words=words)
+        return tiny_persona_model(num_persona_tokens=args.num_persona_tokens, extra_words=words, personas=personas)
     if args.master_model:
         from transformers import AutoTokenizer
 
         model = PersonaWeaveForCausalLM.from_pretrained(args.master_model, **quantization_kwargs(args))
         return model, AutoTokenizer.from_pretrained(args.master_model)
-    return from_base(args.base_model, personas="default",
-                                             num_persona_tokens=args.num_persona_tokens, **quantization_kwargs(args))
+    return from_base(args.base_model, personas=personas, num_persona_tokens=args.num_persona_tokens,
+                     **quantization_kwargs(args))
+
+
+def load_dialogues(args: PersonaSFTArguments, split: str):
+    """One split of `dataset_dir` and every `extra_dataset_dirs` folder, concatenated (the columns
+    that training reads)."""
+    from datasets import concatenate_datasets
+
+    parts = [load_persona_dialogues(split, data_dir=d) for d in [args.dataset_dir, *args.extra_dataset_dirs]]
+    if len(parts) == 1:
+        return parts[0]
+    columns = ["persona", "prompt", "response"]
+    return concatenate_datasets([p.select_columns(columns) for p in parts])
 
 
 def load_split(args: PersonaSFTArguments, split: str, personas: list[str], k: int, cap: Optional[int]):
-    data = load_persona_dialogues(split, data_dir=args.dataset_dir)
+    data = load_dialogues(args, split)
     data = data.filter(lambda r: r["persona"] in personas)
     if cap is not None and split == "train":
         counts: dict[str, int] = {}

@@ -185,3 +185,38 @@ def test_smoke_recipe_lowers_the_loss(tmp_path):
 
     model = PersonaWeaveForCausalLM.from_pretrained(out / "final")
     assert len(model.config.persona_names) == 8
+
+
+def test_persona_stage_trains_one_map_for_default_and_style_personas(tmp_path):
+    """`persona_sets: [default, style]` + `extra_dataset_dirs`: one bank of 72 personas, one map trained
+    on both folders' rows; the unseen combinations stay out of the bank."""
+    import pandas as pd
+
+    from personaweave.zoo import load_default_personas, load_style_personas
+
+    sft = load_recipe("sft")
+    folders = {}
+    for name, personas in (("default", load_default_personas()[:2]), ("style", load_style_personas("train")[:3])):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"persona": p.name, "description": p.description, "prompt": prompt, "response": p.examples[i],
+                 "score": 0.5} for p in personas for i, prompt in enumerate(("hello there", "what do you do"))]
+        for split in ("train", "validation", "test"):
+            pd.DataFrame(rows if name == "default" else [{k: v for k, v in r.items() if k != "score"}
+                                                         for r in rows]).to_parquet(folder / f"{split}.parquet")
+        folders[name] = folder
+    script_args, training_args = sft.make_parser().parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "sft_smoke.yaml"), "--dataset_dir", str(folders["default"]),
+         "--extra_dataset_dirs", str(folders["style"]), "--persona_sets", "default", "style",
+         "--output_dir", str(tmp_path / "run"), "--max_steps", "4", "--save_strategy", "no",
+         "--unfreeze_schedule", "0:0"])
+    assert script_args.persona_sets == ["default", "style"]
+    train = sft.load_dialogues(script_args, "train")
+    assert len(train) == 2 * 2 + 3 * 2 and set(train["persona"]) >= {"librarian", "chef-cheerful-short"}
+    final = sft.main(script_args, training_args)
+    from personaweave import PersonaWeaveForCausalLM
+
+    model = PersonaWeaveForCausalLM.from_pretrained(final)
+    assert len(model.config.persona_names) == 72
+    assert "chef-cheerful-short" in model.config.persona_names
+    assert not set(p.name for p in load_style_personas("unseen")) & set(model.config.persona_names)
