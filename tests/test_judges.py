@@ -64,7 +64,7 @@ def test_anchors_are_held_out_from_training_and_selection_data():
 def test_no_training_or_selection_code_reads_the_anchors():
     """Only the evaluation package and evaluation recipes may name the anchors file or its loader."""
     allowed = {ROOT / "personaweave" / "evaluation" / "judges.py", ROOT / "recipes" / "persona_quality.py",
-               ROOT / "recipes" / "persona_drift.py",
+               ROOT / "recipes" / "persona_drift.py", ROOT / "recipes" / "unseen_personas.py",
                # benchmarks that only measure (serving graphs, serving dtypes): they select and train nothing
                ROOT / "benchmarks" / "deploy.py", ROOT / "benchmarks" / "serve_dtype.py"}
     offenders = []

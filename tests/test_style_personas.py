@@ -65,3 +65,28 @@ def test_evaluation_judge_over_unseen_style_personas():
     assert verdicts.summary()["persona_accuracy"] >= 0.75
     with pytest.raises(KeyError, match="not a composed style persona"):
         load_style_eval_anchors(["pirate"])
+
+
+@pytest.mark.slow
+def test_unseen_personas_recipe_on_the_shipped_layer(tmp_path):
+    """recipes/unseen_personas.py end to end on two held-out turns: a prompt-baseline row and a
+    persona-token row judged over the 8 unseen personas, with the soft vectors' spread."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("unseen_personas", ROOT / "recipes" / "unseen_personas.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["unseen_personas"] = recipe
+    spec.loader.exec_module(recipe)
+    (args,) = recipe.make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "configs" / "unseen_personas.yaml"),
+         "--models", "shipped", "--max_turns", "2",
+         "--max_new_tokens", "12", "--output", str(tmp_path / "report.json")])
+    report = recipe.main(args)
+    assert report["chance"] == 0.125 and report["turns"] == 2
+    rows = report["rows"]
+    assert set(rows) == {"prompt_baseline", f"persona_token:{args.models[0]}"}
+    token = rows[f"persona_token:{args.models[0]}"]
+    assert token["evaluation_judge"]["n"] == 16 and token["trained_personas"] == 8
+    assert token["soft_vector_spread"]["unseen"] > 0  # eight descriptions, eight different points
+    assert json.loads((tmp_path / "report.json").read_text())["personas"] == report["personas"]

@@ -1,0 +1,133 @@
+"""Personas from a description the layer never saw: persona tokens vs the same description as a prompt.
+
+The eight unseen composed style personas (`personaweave.zoo.load_style_personas("unseen")`, e.g.
+"a gloomy chef who relates everything to cooking and food and always ends by asking the user a
+question") are added to each model from their description alone (`add_persona(name, description=...)`:
+MiniLM embedding -> the model's persona layer -> soft vectors; no fitting) and asked the held-out
+user turns of the v2 candidates' test split. In the same run, the prompt baseline writes the same
+description into the system prompt of the bare base model. Decoding is the deployed one (greedy,
+repetition penalty 1.2), replies are cut back to their last complete sentence, and everything is
+scored by the *evaluation* judge over the eight unseen personas (description + held-out anchor lines
+of their role and temperament, `eval_anchors_style.json`; chance 1/8), with relevance and fluency.
+
+Per model it also reports how far apart the unseen personas' soft vectors are (mean pairwise
+distance relative to the trained personas' spread): a layer that maps every new description onto
+nearly the same point cannot be in character.
+
+    python recipes/unseen_personas.py --config recipes/configs/unseen_personas.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import TrlParser
+
+from personaweave.chat import chat, prompt_baseline_messages
+from personaweave.files import write_json
+
+sys.path.insert(0, os.path.dirname(__file__))
+from persona_quality import DECODING, held_out_candidates, trim_to_sentence  # noqa: E402
+
+
+@dataclass
+class UnseenPersonasArguments:
+    models: list[str] = field(default_factory=lambda: ["outputs/sft_persona_v2/final"], metadata={
+        "help": "PersonaWeave folders to compare (e.g. the layer trained on 8 personas and the one trained on "
+                "8 + 64 style personas), or `shipped` for the package's trained personas; each gets a "
+                "persona_token row."})
+    shards: str = field(default="datasets_scripts/shards/v2", metadata={"help": "Where the held-out turns come from."})
+    split: str = field(default="test", metadata={"help": "Which split's turns to use."})
+    max_turns: int = field(default=32, metadata={"help": "Held-out user turns (x 8 unseen personas)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit."})
+    batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
+    output: str = field(default="outputs/unseen_personas.json", metadata={"help": "The JSON report."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((UnseenPersonasArguments,))
+
+
+def soft_vector_spread(model: Any, new: list[str]) -> dict[str, float]:
+    """Mean pairwise distance of the new personas' soft vectors, and of the others', and their ratio."""
+    import torch
+
+    names = list(model.config.persona_names)
+    with torch.no_grad():
+        soft = model.persona_soft_vectors().flatten(1).float()
+    index = {n: i for i, n in enumerate(names)}
+    new_vecs = soft[[index[n] for n in new]]
+    old_vecs = soft[[i for n, i in index.items() if n not in new]]
+
+    def spread(x):
+        return float(torch.pdist(x).mean()) if len(x) > 1 else float("nan")
+
+    return {"unseen": spread(new_vecs), "trained": spread(old_vecs),
+            "ratio": spread(new_vecs) / max(spread(old_vecs), 1e-8)}
+
+
+def main(args: UnseenPersonasArguments) -> dict[str, Any]:
+    import torch
+
+    from personaweave.evaluation.judges import EvaluationJudge
+    from personaweave.generation import generate_replies
+    from personaweave.loading import load_model
+    from personaweave.zoo import load_style_personas
+
+    torch.manual_seed(0)
+    _, turns = held_out_candidates(args.shards, args.split, args.max_turns)
+    unseen = load_style_personas("unseen")
+    names = [p.name for p in unseen]
+    prompts = [t for _ in names for t in turns]
+    targets = [n for n in names for _ in turns]
+    table: dict[str, Any] = {}
+    judge = None
+    for index, folder in enumerate(args.models):
+        model, tokenizer, _ = load_model(None if folder == "shipped" else folder, with_adapters=False)
+        clash = sorted(set(names) & set(model.config.persona_names))
+        if clash:
+            raise SystemExit(f"error: {folder} was trained with {clash}: they are not unseen for it.")
+        if judge is None:
+            judge = EvaluationJudge.from_style_personas(unseen, base_model=model.language_model, tokenizer=tokenizer)
+
+        def generate(conversations, model=model, tokenizer=tokenizer):
+            out = generate_replies(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, **DECODING)
+            return [trim_to_sentence(t) for t in out.texts]
+
+        rows = {}
+        if index == 0:  # the base LM is frozen in every persona stage: one prompt baseline serves all models
+            start = time.time()
+            rows["prompt_baseline"] = (generate([prompt_baseline_messages(p.description, t)
+                                                 for p in unseen for t in turns]), time.time() - start, None)
+        for p in unseen:
+            model.add_persona(p.name, description=p.description, traits=p.traits, tokenizer=tokenizer)
+        start = time.time()
+        texts = generate([chat(n, t, model=model) for n, t in zip(targets, prompts)])
+        rows[f"persona_token:{folder}"] = (texts, time.time() - start, soft_vector_spread(model, names))
+        for row, (texts, seconds, spread) in rows.items():
+            verdicts = judge.judge(prompts, texts, targets)
+            table[row] = {"evaluation_judge": verdicts.summary(),
+                          "per_persona_accuracy": {n: float(sum(p == n for p, t in zip(verdicts.predicted, targets)
+                                                                if t == n) / len(turns)) for n in names},
+                          "trained_personas": None if spread is None else len(model.config.persona_names) - len(names),
+                          "soft_vector_spread": spread, "seconds": round(seconds, 1),
+                          "examples": [{"persona": n, "user": t, "reply": r}
+                                       for n, t, r in list(zip(targets, prompts, texts))[:: max(1, len(texts) // 8)]]}
+            ev = table[row]["evaluation_judge"]
+            print(f"{row:48} acc {ev['persona_accuracy']:.3f}  rel {ev['relevance']:.3f}  flu {ev['fluency']:.3f}",
+                  flush=True)
+        del model
+    report = {"turns": len(turns), "personas": names, "chance": 1 / len(names), "decoding": DECODING,
+              "max_new_tokens": args.max_new_tokens, "rows": table}
+    write_json(report, args.output)
+    return report
+
+
+if __name__ == "__main__":
+    (script_args,) = make_parser().parse_args_and_config()
+    main(script_args)
