@@ -77,6 +77,23 @@ def test_graph_must_come_from_the_served_model(exported, tmp_path):
         check_graph_matches(model, str(tmp_path))
 
 
+def test_graph_from_other_persona_weights_is_refused(exported, tmp_path):
+    """Same names and token ids, other trained soft vectors (e.g. a graph exported from last month's
+    checkpoint): refused by the fingerprint; a graph without one is served with a warning."""
+    model, tok, root, _ = exported
+    config = json.loads((root / "onnx" / "config.json").read_text())
+    assert set(config["personaweave"]["soft_vector_fingerprint"]) == set(model.config.persona_names)
+    retrained, _ = tiny_persona_model()
+    with torch.no_grad():
+        retrained.persona_embedding.slot_bias.add_(0.5)
+    with pytest.raises(ValueError, match="soft vectors"):
+        check_graph_matches(retrained, str(root / "onnx"))
+    del config["personaweave"]["soft_vector_fingerprint"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="no soft-vector fingerprint"):
+        assert check_graph_matches(model, str(tmp_path)) == list(model.config.persona_names)
+
+
 def test_service_on_the_onnx_backend_refuses_blends_and_auto(exported, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -191,13 +191,13 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
             with tempfile.TemporaryDirectory() as src:
                 # Optimum needs remote code, but never the folder's own *.py (code the user did not opt
                 # into): load with the installed classes and re-save, which writes our sources.
-                _resave_with_installed_code(model_dir, src)
+                fingerprint = _resave_with_installed_code(model_dir, src)
                 onnx_config = _onnx_config_class()(
                     AutoConfig.from_pretrained(src, trust_remote_code=True), task="text-generation",
                     use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
                 main_export(src, tmp, task=task, library_name="transformers", trust_remote_code=True,
                             custom_onnx_configs={"model": onnx_config}, opset=opset)
-            _write_plain_config(tmp, config)
+            _write_plain_config(tmp, config, fingerprint)
         if quantize == "int8":
             quantize_onnx_int8(tmp, per_channel=per_channel)
         elif quantize in ("w8", "w4"):
@@ -210,22 +210,28 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
     return output_dir
 
 
-def _resave_with_installed_code(model_dir: str, out: str) -> None:
+def _resave_with_installed_code(model_dir: str, out: str) -> dict[str, list[float]]:
     """The model folder re-saved by the installed personaweave classes (weights, config, tokenizer and
-    *our* remote-code files); nothing from `model_dir` is executed."""
+    *our* remote-code files); nothing from `model_dir` is executed. Returns the soft vectors' fingerprint."""
     from transformers import AutoTokenizer
 
     from personaweave.models import PersonaWeaveForCausalLM
 
-    PersonaWeaveForCausalLM.from_pretrained(model_dir).save_pretrained(out)
+    model = PersonaWeaveForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False).save_pretrained(out)
+    return model.soft_vector_fingerprint()
 
 
-def _write_plain_config(folder: str, config: dict[str, Any]) -> None:
-    """config.json = the wrapped LM's config (what ORTModelForCausalLM understands) + the bank."""
+def _write_plain_config(folder: str, config: dict[str, Any],
+                        fingerprint: Optional[dict[str, list[float]]] = None) -> None:
+    """config.json = the wrapped LM's config (what ORTModelForCausalLM understands) + the bank (and its
+    soft vectors' fingerprint, which the ONNX serving backend checks against the served model)."""
     text = dict(config["text_config"])
     text["architectures"] = [a.replace("PersonaWeave", "") for a in text.get("architectures") or []] or None
     text["personaweave"] = {k: config[k] for k in ("persona_dim", "num_persona_tokens", "personas")}
+    if fingerprint is not None:
+        text["personaweave"]["soft_vector_fingerprint"] = fingerprint
     for stale in ("configuration_personaweave.py", "modeling_personaweave.py", "personas.py"):
         if os.path.exists(os.path.join(folder, stale)):
             os.remove(os.path.join(folder, stale))

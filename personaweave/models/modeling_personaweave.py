@@ -340,6 +340,15 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         weight = self.persona_embedding.net[0].weight
         return self.persona_embedding(self.persona_vectors.to(weight.dtype))
 
+    def soft_vector_fingerprint(self) -> dict[str, list[float]]:
+        """{persona: [norm of each soft vector, then the sum of each]}: a small summary written beside
+        exported graphs, so a graph exported from other persona weights is told apart from the served
+        model even when names and token ids agree."""
+        with torch.no_grad():
+            soft = self.persona_soft_vectors().float()
+        return {name: [round(float(v), 5) for v in (*vecs.norm(dim=-1), *vecs.sum(dim=-1))]
+                for name, vecs in zip(self.config.persona_names, soft)}
+
     def mask_persona_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Reserved tokens are inputs only: never predict them."""
         ids = self.persona_token_table.view(-1)

@@ -10,7 +10,7 @@ sampling and every check of the service stay as they are; only the forward pass 
 The graph holds the persona bank it was exported with: its personas are served, and dynamic personas
 (blends, `auto`'s per-user states) are refused with a clear error, since their soft vectors are not in
 the graph. `check_graph_matches` makes sure the graph and the served PyTorch model (used for the
-tokenizer, validation and the persona names) agree on every persona's tokens.
+tokenizer, validation and the persona names) agree on every persona's tokens and soft vectors.
 """
 
 from __future__ import annotations
@@ -119,11 +119,25 @@ def graph_personas(folder: str) -> dict[str, list[int]]:
 
 def check_graph_matches(model: Any, folder: str) -> list[str]:
     """The served personas, after checking that the graph in `folder` holds each of the model's personas
-    under the same token ids (else the graph was exported from another model or bank)."""
+    under the same token ids and, where the export recorded it, the same soft vectors (else the graph was
+    exported from another model, bank or training run)."""
     in_graph = graph_personas(folder)
     served = dict(zip(model.config.persona_names, model.config.persona_token_ids))
     wrong = sorted(n for n, ids in served.items() if in_graph.get(n) != [int(t) for t in ids])
+    if not wrong:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            recorded = json.load(handle)["personaweave"].get("soft_vector_fingerprint")
+        if recorded is None:
+            import warnings
+
+            warnings.warn(f"The ONNX graph in {folder} records no soft-vector fingerprint (exported by an older "
+                          "personaweave): only persona names and token ids were checked.", stacklevel=2)
+        else:
+            ours = model.soft_vector_fingerprint()
+            wrong = sorted(n for n in served if n not in recorded or not np.allclose(
+                recorded[n], ours[n], rtol=1e-3, atol=1e-3))
     if wrong:
         raise ValueError(f"The ONNX graph in {folder} was not exported from this model: personas {wrong} are "
-                         f"missing or have other tokens there. Export it again with `personaweave export onnx`.")
+                         f"missing or have other tokens or soft vectors there. Export it again with "
+                         "`personaweave export onnx`.")
     return list(served)
