@@ -14,6 +14,13 @@ Per model it also reports how far apart the unseen personas' soft vectors are (m
 distance relative to the trained personas' spread): a layer that maps every new description onto
 nearly the same point cannot be in character.
 
+Few-shot rows (`--few_shot_seeds`): per seed, `few_shot_k` of each unseen persona's example lines
+(its role's and temperament's, never the evaluation anchors) are drawn, and the persona is given
+(a) as those lines in the system prompt (`few_shot_prompt`, the bare base) and, per model, (b) as
+persona tokens fitted to the lines with no description (`add_persona(examples=...)`: from the
+model's meta-learned `config.few_shot_init` when it has one, `few_shot_fit`) and (c) the same fit from
+the bank's mean vector (`few_shot_plain`); fitting time is reported per persona.
+
     python recipes/unseen_personas.py --config recipes/configs/unseen_personas.yaml
 """
 
@@ -31,6 +38,7 @@ from personaweave.chat import chat, prompt_baseline_messages
 from personaweave.files import write_json
 
 sys.path.insert(0, os.path.dirname(__file__))
+from few_shot_personas import FEW_SHOT_PROMPT  # noqa: E402
 from persona_quality import DECODING, held_out_candidates, trim_to_sentence  # noqa: E402
 
 
@@ -46,6 +54,9 @@ class UnseenPersonasArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Reply length limit."})
     batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
     output: str = field(default="outputs/unseen_personas.json", metadata={"help": "The JSON report."})
+    few_shot_seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Seeds of the few-shot rows (empty: no few-shot rows); each draws its own example lines."})
+    few_shot_k: int = field(default=5, metadata={"help": "Example lines per persona in the few-shot rows."})
 
 
 def make_parser() -> TrlParser:
@@ -68,6 +79,19 @@ def soft_vector_spread(model: Any, new: list[str]) -> dict[str, float]:
 
     return {"unseen": spread(new_vecs), "trained": spread(old_vecs),
             "ratio": spread(new_vecs) / max(spread(old_vecs), 1e-8)}
+
+
+def few_shot_lines(personas: list, k: int, seed: int) -> dict[str, list[str]]:
+    """`k` example lines per persona, drawn with `seed` (the selection judge's lines, never the anchors)."""
+    import random
+
+    rng = random.Random(seed)
+    out = {}
+    for p in personas:
+        if len(p.examples) < k:
+            raise ValueError(f"{p.name} has {len(p.examples)} example lines; the few-shot rows need {k}.")
+        out[p.name] = rng.sample(list(p.examples), k)
+    return out
 
 
 def main(args: UnseenPersonasArguments) -> dict[str, Any]:
@@ -104,6 +128,28 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
             start = time.time()
             rows["prompt_baseline"] = (generate([prompt_baseline_messages(p.description, t)
                                                  for p in unseen for t in turns]), time.time() - start, None)
+        for seed in args.few_shot_seeds:
+            lines = few_shot_lines(unseen, args.few_shot_k, seed)
+            if index == 0:
+                start = time.time()
+                rows[f"few_shot_prompt:seed{seed}"] = (generate(
+                    [[{"role": "system", "content": FEW_SHOT_PROMPT.format(lines="\n".join(f'"{x}"' for x in lines[n]))},
+                      {"role": "user", "content": t}] for n, t in zip(targets, prompts)]), time.time() - start, None)
+            inits = {"few_shot_fit": model.config.few_shot_init} if model.config.few_shot_init is not None else {}
+            inits["few_shot_plain"] = None
+            for label, init in inits.items():
+                model.config.few_shot_init = init
+                fit_start = time.time()
+                for n in names:
+                    model.add_persona(f"{n}.fs", examples=lines[n], tokenizer=tokenizer)
+                fit_seconds = (time.time() - fit_start) / len(names)
+                start = time.time()
+                texts = generate([chat(f"{n}.fs", t, model=model) for n, t in zip(targets, prompts)])
+                rows[f"{label}:{folder}:seed{seed}"] = (texts, time.time() - start, {"fit_seconds_per_persona":
+                                                                                     round(fit_seconds, 2)})
+                for n in names:
+                    model.remove_persona(f"{n}.fs")
+            model.config.few_shot_init = inits.get("few_shot_fit")
         for p in unseen:
             model.add_persona(p.name, description=p.description, traits=p.traits, tokenizer=tokenizer)
         start = time.time()
@@ -114,8 +160,10 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
             table[row] = {"evaluation_judge": verdicts.summary(),
                           "per_persona_accuracy": {n: float(sum(p == n for p, t in zip(verdicts.predicted, targets)
                                                                 if t == n) / len(turns)) for n in names},
-                          "trained_personas": None if spread is None else len(model.config.persona_names) - len(names),
-                          "soft_vector_spread": spread, "seconds": round(seconds, 1),
+                          "trained_personas": None if spread is None or "fit_seconds_per_persona" in spread
+                          else len(model.config.persona_names) - len(names),
+                          ("few_shot" if spread and "fit_seconds_per_persona" in spread else "soft_vector_spread"): spread,
+                          "seconds": round(seconds, 1),
                           "examples": [{"persona": n, "user": t, "reply": r}
                                        for n, t, r in list(zip(targets, prompts, texts))[:: max(1, len(texts) // 8)]]}
             ev = table[row]["evaluation_judge"]

@@ -80,12 +80,14 @@ def test_unseen_personas_recipe_on_the_shipped_layer(tmp_path):
     spec.loader.exec_module(recipe)
     (args,) = recipe.make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes" / "configs" / "unseen_personas.yaml"),
-         "--models", "shipped", "--max_turns", "2",
+         "--models", "shipped", "--max_turns", "2", "--few_shot_seeds", "0",
          "--max_new_tokens", "12", "--output", str(tmp_path / "report.json")])
     report = recipe.main(args)
     assert report["chance"] == 0.125 and report["turns"] == 2
     rows = report["rows"]
-    assert set(rows) == {"prompt_baseline", f"persona_token:{args.models[0]}"}
+    assert set(rows) == {"prompt_baseline", f"persona_token:{args.models[0]}", "few_shot_prompt:seed0",
+                         "few_shot_plain:shipped:seed0"}
+    assert rows["few_shot_plain:shipped:seed0"]["few_shot"]["fit_seconds_per_persona"] > 0
     token = rows[f"persona_token:{args.models[0]}"]
     assert token["evaluation_judge"]["n"] == 16 and token["trained_personas"] == 8
     assert token["soft_vector_spread"]["unseen"] > 0  # eight descriptions, eight different points
