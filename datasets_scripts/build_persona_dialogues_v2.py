@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from personaweave.evaluation.judges import SelectionJudge
+    from personaweave.evaluation.judges import SelectionJudge, StyleSelectionJudge
     from personaweave.zoo import load_base, load_persona_set
 
     start = time.time()
@@ -218,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         judged_new += 1
         if judge is None:
             model, tokenizer = load_base()
-            judge = SelectionJudge.from_personas(load_persona_set(persona_set), base_model=model.eval(), tokenizer=tokenizer)
+            if persona_set == "style":  # composed personas: role x temperament x habit, factorised
+                judge = StyleSelectionJudge.from_style_personas(load_persona_set(persona_set), base_model=model.eval(),
+                                                                tokenizer=tokenizer)
+            else:
+                judge = SelectionJudge.from_personas(load_persona_set(persona_set), base_model=model.eval(),
+                                                     tokenizer=tokenizer)
         shard_start = time.time()
         frames.append(judge_shard(path, judge, judged))
         print(json.dumps({"judged": os.path.basename(path), "seconds": round(time.time() - shard_start, 1)}), flush=True)

@@ -92,3 +92,17 @@ def test_unseen_personas_recipe_on_the_shipped_layer(tmp_path):
     assert token["evaluation_judge"]["n"] == 16 and token["trained_personas"] == 8
     assert token["soft_vector_spread"]["unseen"] > 0  # eight descriptions, eight different points
     assert json.loads((tmp_path / "report.json").read_text())["personas"] == report["personas"]
+
+
+def test_style_selection_judge_factorises_role_temperament_and_habit():
+    from personaweave.evaluation.judges import StyleSelectionJudge, habit_score
+
+    judge = StyleSelectionJudge.from_style_personas(load_style_personas("all"), encoder=BagOfWordsEncoder())
+    reply = ("That reminds me of a good stew in my kitchen, but it will probably go wrong anyway, it usually "
+             "does, so why would you want to taste it?")
+    probs = dict(zip(judge.names, judge.persona_probs([reply])[0]))
+    assert max(probs, key=probs.get) == "chef-gloomy-asks"
+    assert probs["chef-gloomy-asks"] > probs["chef-gloomy-short"] > 0  # the habit gate: it ends with a question
+    assert habit_score("Fine. Go. Now.", "short") == 1.0 and habit_score("Fine. Go. Now.", "asks") < 1.0
+    with pytest.raises(KeyError, match="habit"):
+        habit_score("hello", "sings")
