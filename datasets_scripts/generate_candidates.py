@@ -83,18 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                        help="bfloat16 runs ~1.7x faster on CPUs with AMX (shards 0-15 were sampled in float32)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 where the CPU has AMX or AVX-512 BF16 (~1.7x faster there), else float32 "
+                             "(emulated bfloat16 is ~50x slower); each row records the dtype it was sampled in")
     parser.add_argument("--pairs_per_call", type=int, default=16,
                         help="(turn, persona) pairs per generate call; x num_samples sequences per batch")
     parser.add_argument("--personas", default="default", choices=["default", "style"],
                         help="persona set (personaweave.zoo.load_persona_set): the eight defaults or the 64 "
                              "composed style personas of issue 15 (recorded in turns.json for the builder)")
+    parser.add_argument("--first_shard", type=int, default=0,
+                        help="skip shards before this index: a second process started with a later first shard "
+                             "works on other shards than the first one (both skip finished shards)")
     parser.add_argument("--splits", nargs="+", default=["test", "validation", "train"],
                         help="shards holding turns of these splits, in this order of priority")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        from personaweave.generation import cpu_has_fast_bfloat16
+
+        args.dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_fast_bfloat16() else "float32"
 
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     turns = ordered_turns(args.num_turns, args.sources, args.shared_data, args.seed, args.val_share, args.test_share)
     os.makedirs(args.out, exist_ok=True)
-    manifest = {"turns": turns, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "max_shards", "splits", "threads")}}
+    manifest = {"turns": turns, "settings": {k: v for k, v in vars(args).items()
+                                             if k not in ("out", "max_shards", "splits", "threads", "first_shard")}}
     with open(os.path.join(args.out, "turns.json"), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
     location, extra = smollm2_folder()
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     # Shard indices stay those of the full, ordered turn list (so resuming finds the same shards);
     # `--splits` only chooses which shards go first.
     rank = {split: r for r, split in enumerate(args.splits)}
-    order = sorted((i for i, shard in enumerate(shards) if any(t["split"] in rank for t in shard)),
+    order = sorted((i for i, shard in enumerate(shards)
+                    if i >= args.first_shard and any(t["split"] in rank for t in shard)),
                    key=lambda i: (min(rank.get(t["split"], len(rank)) for t in shards[i]), i))
     done_new = 0
     for index in order:

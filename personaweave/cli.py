@@ -386,8 +386,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dtype != "float32" or args.threads:
         import torch
 
+        from personaweave.generation import cpu_has_fast_bfloat16
+
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_fast_bfloat16():
+            print("personaweave serve: warning: this CPU has neither AMX nor AVX-512 BF16, so bfloat16 is emulated "
+                  "and much slower than float32 here; drop --dtype bfloat16", file=sys.stderr, flush=True)
         model.to(getattr(torch, args.dtype))
     adapter = None
     if args.adaptive:
@@ -558,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and activations; bfloat16 is faster on CPUs with AMX and on GPUs")
+                   help="weights and activations; bfloat16 is faster on CPUs with AMX or AVX-512 BF16 and on GPUs, "
+                        "much slower elsewhere (emulated)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="what runs the forward passes: PyTorch, or ONNX Runtime on a graph from `personaweave export "

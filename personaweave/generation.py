@@ -10,6 +10,14 @@ from typing import Any
 import torch
 
 
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AMX tiles or AVX-512 BF16). Without them PyTorch
+    emulates bfloat16: on an AVX2-only CPU a 512 x 512 matmul ran at 1.3 GFLOP/s against 74 in float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 @dataclass
 class Replies:
     texts: list[str]

@@ -170,3 +170,13 @@ def test_a_card_names_the_hub_base_model_not_a_local_cache_path(model_dir, tmp_p
     card = (tmp_path / "upload" / "README.md").read_text()
     assert f"base_model: {SMOLLM2_HUB_ID}" in card
     assert "/root/.cache" not in card and out == str(tmp_path / "upload")
+
+
+def test_bfloat16_is_only_called_fast_where_the_cpu_has_it(monkeypatch):
+    from personaweave.generation import cpu_has_fast_bfloat16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not cpu_has_fast_bfloat16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_has_fast_bfloat16()
