@@ -19,7 +19,10 @@ Few-shot rows (`--few_shot_seeds`): per seed, `few_shot_k` of each unseen person
 (a) as those lines in the system prompt (`few_shot_prompt`, the bare base) and, per model, (b) as
 persona tokens fitted to the lines with no description (`add_persona(examples=...)`: from the
 model's meta-learned `config.few_shot_init` when it has one, `few_shot_fit`) and (c) the same fit from
-the bank's mean vector (`few_shot_plain`); fitting time is reported per persona.
+the bank's mean vector (`few_shot_plain`); fitting time is reported per persona. A model without a
+`few_shot_init` gets one meta-learned in the run (`--meta_steps` > 0: first-order MAML or Reptile over
+the trained style personas it holds, each a task of its example lines, k support + the rest as query;
+the unseen personas are never tasks), and its time is reported.
 
     python recipes/unseen_personas.py --config recipes/configs/unseen_personas.yaml
 """
@@ -57,6 +60,12 @@ class UnseenPersonasArguments:
     few_shot_seeds: list[int] = field(default_factory=list, metadata={
         "help": "Seeds of the few-shot rows (empty: no few-shot rows); each draws its own example lines."})
     few_shot_k: int = field(default=5, metadata={"help": "Example lines per persona in the few-shot rows."})
+    meta_steps: int = field(default=0, metadata={
+        "help": "Meta steps of a few-shot start learned in the run for models without config.few_shot_init "
+                "(over the trained style personas they hold; 0: none)."})
+    meta_method: str = field(default="fomaml", metadata={"help": "fomaml or reptile."})
+    meta_tasks_per_step: int = field(default=4, metadata={"help": "Training personas per meta step."})
+    meta_lr: float = field(default=0.05, metadata={"help": "Adam learning rate of the start vector."})
 
 
 def make_parser() -> TrlParser:
@@ -92,6 +101,24 @@ def few_shot_lines(personas: list, k: int, seed: int) -> dict[str, list[str]]:
             raise ValueError(f"{p.name} has {len(p.examples)} example lines; the few-shot rows need {k}.")
         out[p.name] = rng.sample(list(p.examples), k)
     return out
+
+
+def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments) -> tuple[list[float], dict] | None:
+    """A few-shot start meta-learned over the trained style personas `model` holds (None if it holds none),
+    with how it was learned."""
+    from personaweave.training.meta_learning import meta_learn_persona_init
+    from personaweave.zoo import load_style_personas
+
+    tasks = [p.examples for p in load_style_personas("train") if p.name in model.config.persona_names]
+    if not tasks:
+        return None
+    start = time.time()
+    init = meta_learn_persona_init(model, tokenizer, tasks, k=args.few_shot_k,
+                                   n_query=min(len(t) for t in tasks) - args.few_shot_k, meta_steps=args.meta_steps,
+                                   tasks_per_step=args.meta_tasks_per_step, meta_lr=args.meta_lr,
+                                   method=args.meta_method, seed=0, log=lambda m: print(m, flush=True))
+    return init.tolist(), {"tasks": len(tasks), "meta_steps": args.meta_steps, "method": args.meta_method,
+                           "seconds": round(time.time() - start, 1)}
 
 
 def main(args: UnseenPersonasArguments) -> dict[str, Any]:
@@ -135,6 +162,10 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
                 rows[f"few_shot_prompt:seed{seed}"] = (generate(
                     [[{"role": "system", "content": FEW_SHOT_PROMPT.format(lines="\n".join(f'"{x}"' for x in lines[n]))},
                       {"role": "user", "content": t}] for n, t in zip(targets, prompts)]), time.time() - start, None)
+            if seed == args.few_shot_seeds[0] and model.config.few_shot_init is None and args.meta_steps > 0:
+                meta = meta_learned_init(model, tokenizer, args)
+                if meta is not None:
+                    model.config.few_shot_init, table[f"meta_init:{folder}"] = meta
             inits = {"few_shot_fit": model.config.few_shot_init} if model.config.few_shot_init is not None else {}
             inits["few_shot_plain"] = None
             for label, init in inits.items():

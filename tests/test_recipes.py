@@ -220,3 +220,25 @@ def test_persona_stage_trains_one_map_for_default_and_style_personas(tmp_path):
     assert len(model.config.persona_names) == 72
     assert "chef-cheerful-short" in model.config.persona_names
     assert not set(p.name for p in load_style_personas("unseen")) & set(model.config.persona_names)
+
+
+def test_unseen_personas_meta_learns_a_few_shot_start_from_the_trained_style_personas_only():
+    import torch
+
+    from personaweave.testing import tiny_persona_model
+    from personaweave.zoo import load_style_personas
+
+    recipe = load_recipe("unseen_personas")
+    (args,) = recipe.make_parser().parse_args_and_config(["--meta_steps", "3", "--meta_tasks_per_step", "2"])
+    trained = load_style_personas("train")[:3]
+    words = tuple({w for p in trained for line in p.examples for w in line.split()})
+    model, tok = tiny_persona_model(personas=trained, extra_words=words)
+    torch.nn.init.normal_(model.persona_embedding.net[2].weight, std=0.1)  # a layer that maps vectors somewhere
+    start = model.few_shot_init_vector().clone()
+    init, info = recipe.meta_learned_init(model, tok, args)
+    assert info["tasks"] == 3 and info["meta_steps"] == 3
+    assert len(init) == model.config.persona_dim
+    assert not torch.allclose(torch.tensor(init), start)  # the meta steps moved the start
+    assert "fewshot-meta-scratch" not in model.config.persona_names  # the scratch persona is gone again
+    defaults_only, tok = tiny_persona_model()
+    assert recipe.meta_learned_init(defaults_only, tok, args) is None  # no training style persona: no tasks
