@@ -121,6 +121,7 @@ def load_dialogues(args: PersonaSFTArguments, split: str):
     from datasets import concatenate_datasets
 
     parts = [load_persona_dialogues(split, data_dir=d) for d in [args.dataset_dir, *args.extra_dataset_dirs]]
+    parts = [p for p in parts if len(p)] or parts[:1]  # a folder may have no rows in a split (e.g. validation)
     if len(parts) == 1:
         return parts[0]
     columns = ["persona", "prompt", "response"]

@@ -110,3 +110,19 @@ def test_shipped_dataset_schema_size_and_no_split_leakage():
     assert len(prompts["validation"]) >= 50 and len(prompts["test"]) >= 50
     row = data["test"][0]
     assert row["messages"][-1]["content"] == row["response"] and len(row["traits"]) == 10
+
+
+def test_a_split_with_no_rows_loads_as_an_empty_dataset(tmp_path):
+    """A small build (e.g. the style personas' data, no validation turns yet) writes row-less parquet
+    files; datasets' parquet builder fails on those, the loader must not."""
+    import pandas as pd
+
+    from personaweave.data import load_persona_dialogues
+
+    pd.DataFrame([{"persona": "pirate", "prompt": "hi", "response": "Arr, ahoy!"}]).to_parquet(tmp_path / "train.parquet")
+    for split in ("validation", "test"):
+        pd.DataFrame([]).to_parquet(tmp_path / f"{split}.parquet")
+    data = load_persona_dialogues(data_dir=str(tmp_path))
+    assert list(data) == ["train", "validation", "test"]
+    assert len(data["train"]) == 1 and len(data["validation"]) == 0
+    assert len(load_persona_dialogues("test", data_dir=str(tmp_path))) == 0

@@ -73,8 +73,12 @@ def test_dpo_per_persona_trains_each_persona_lora_against_a_copy_of_itself(tmp_p
     """`--per_persona_adapters`: each persona's own LoRA moves towards its chosen replies, relative to
     the LoRA it started from; a persona without pairs keeps its adapter as it was; reruns skip."""
     from personaweave.loading import load_model
-    from personaweave.sub_personalities import (add_sub_personality, lora_config, save_sub_personalities,
-                                                set_sub_personality)
+    from personaweave.sub_personalities import (
+        add_sub_personality,
+        lora_config,
+        save_sub_personalities,
+        set_sub_personality,
+    )
     from personaweave.testing import tiny_persona_model, vocabulary
 
     rows = [{"persona": persona, "prompt": prompt, "chosen": chosen, "rejected": "ok fine whatever",

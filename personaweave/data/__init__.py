@@ -25,9 +25,22 @@ def shipped_dataset_dir() -> str:
     return str(resources.files("personaweave.data").joinpath("persona_dialogues"))
 
 
+def _load_parquet_splits(files: dict[str, str]):
+    """{split: parquet file} -> `DatasetDict`. datasets' parquet builder fails on a file with no rows (a
+    split a small build has no turns for, e.g. the style personas' validation): those are read directly."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    empty = {s for s, f in files.items() if pq.read_metadata(f).num_rows == 0}
+    data = dict(load_dataset("parquet", data_files={s: f for s, f in files.items() if s not in empty})
+                if len(empty) < len(files) else {})
+    for s in empty:
+        data[s] = Dataset(pq.read_table(files[s]))
+    return DatasetDict({s: data[s] for s in files})
+
+
 def load_persona_dialogues(split: Optional[str] = None, data_dir: Optional[str] = None):
     """The persona dialogue dataset shipped with the package (offline): a `DatasetDict`, or one split."""
-    from datasets import load_dataset
 
     data_dir = data_dir or shipped_dataset_dir()
     files = {s: os.path.join(data_dir, f"{s}.parquet") for s in SPLITS}
@@ -37,14 +50,13 @@ def load_persona_dialogues(split: Optional[str] = None, data_dir: Optional[str] 
                                 "datasets_scripts/build_persona_dialogues.py")
     if split is not None and split not in files:
         raise ValueError(f"Unknown split {split!r}; splits are {list(SPLITS)}.")
-    data = load_dataset("parquet", data_files=files)
+    data = _load_parquet_splits(files)
     return data[split] if split else data
 
 
 def load_persona_preferences(split: Optional[str] = None, data_dir: Optional[str] = None):
     """The best-of-N preference pairs of the v2 dataset (`preferences_<split>.parquet`: persona,
     prompt, chosen, rejected and their selection scores): a `DatasetDict`, or one split."""
-    from datasets import load_dataset
 
     if data_dir is None:
         raise ValueError("Pass data_dir: the folder written by datasets_scripts/build_persona_dialogues_v2.py.")
@@ -52,7 +64,7 @@ def load_persona_preferences(split: Optional[str] = None, data_dir: Optional[str
     files = {s: f for s, f in files.items() if os.path.isfile(f) and os.path.getsize(f) > 0}
     if split is not None and split not in files:
         raise FileNotFoundError(f"No preference pairs for split {split!r} in {data_dir}.")
-    data = load_dataset("parquet", data_files=files)
+    data = _load_parquet_splits(files)
     return data[split] if split else data
 
 
