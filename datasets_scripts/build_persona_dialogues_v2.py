@@ -119,7 +119,7 @@ configs:
 
 # PersonaWeave persona dialogues v2
 
-Real user turns answered in character by the eight default personas of personaweave; for each
+Real user turns answered in character by {personas}; for each
 (user turn, persona) the reply is the **best of {num_samples} sampled replies** of the prompted base
 model, chosen by the *selection judge*, and (best, worst) form a preference pair.
 
@@ -130,10 +130,8 @@ model, chosen by the *selection judge*, and (best, worst) form a preference pair
 - **Candidates**: SmolLM2-135M-Instruct with the persona's description in the system prompt,
   {num_samples} samples per (turn, persona), temperature {temperature}, top-p {top_p}, repetition
   penalty {repetition_penalty}, at most {max_new_tokens} new tokens, each cut back to its last complete
-  sentence ({candidates} candidates, {new_tokens} new tokens; shards 0-15 in float32, later shards in
-  bfloat16 on AMX CPUs).
-- **Selection judge** (`personaweave.evaluation.judges.SelectionJudge`): persona evidence from the
-  personas' example lines (softmax over prototypes), gated by relevance to the user turn
+  sentence ({candidates} candidates, {new_tokens} new tokens; sampled in {dtypes}).
+- **Selection judge** (`personaweave.evaluation.judges.{judge}`): persona evidence from {evidence}, gated by relevance to the user turn
   (sentence-embedding similarity), plus a relevance term, minus penalties for low bare-base
   fluency, repetition loops, empty or cut-off replies and restating the description. Kept: the best
   candidate if its score is at least {threshold} and it has no hard defect
@@ -153,6 +151,16 @@ Built by `datasets_scripts/build_persona_dialogues_v2.py` from the shards of
 """
 
 
+CARD_PERSONAS = {
+    "default": {"personas": "the eight default personas of personaweave", "judge": "SelectionJudge",
+                "evidence": "the\n  personas' example lines (softmax over prototypes)"},
+    "style": {"personas": "the 64 composed training style personas of personaweave (role x temperament x speech "
+                          "habit;\nthe 8 unseen combinations are not in it)", "judge": "StyleSelectionJudge",
+              "evidence": "P(role) x P(temperament) over\n  the roles' and temperaments' example lines x a rule "
+                          "check of the speech habit"},
+}
+
+
 def write_card(stats: dict, out: str) -> None:
     gen = stats["generation"]
     text = CARD.format(
@@ -161,7 +169,8 @@ def write_card(stats: dict, out: str) -> None:
         temperature=gen.get("temperature"), top_p=gen.get("top_p"), repetition_penalty=gen.get("repetition_penalty"),
         max_new_tokens=gen.get("max_new_tokens"), candidates=stats["candidates"], new_tokens=stats["new_tokens"],
         threshold=stats["threshold"], kept=stats["kept"], groups=stats["groups"], acceptance=stats["acceptance_rate"],
-        pair_margin=stats["pair_margin"],
+        pair_margin=stats["pair_margin"], **CARD_PERSONAS[gen.get("personas", "default")],
+        dtypes=", ".join(f"{dtype} ({n} candidates)" for dtype, n in stats.get("dtypes", {}).items()) or "float32",
         split_rows="\n".join(f"| {s} | {stats['rows'][s]} | {stats['pairs_per_split'][s]} |" for s in SPLITS),
         sel_persona=stats["mean_selected"].get("persona_prob", float("nan")),
         all_persona=stats["mean_all_candidates"]["persona_prob"],
@@ -245,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
              "threshold": args.threshold, "pair_margin": args.pair_margin, "generation": settings,
+             "dtypes": frame["dtype"].value_counts().to_dict() if "dtype" in frame else {},
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())
                                      for k in ("score", "persona_prob", "relevance", "fluency")},

@@ -41,7 +41,6 @@ def _load_parquet_splits(files: dict[str, str]):
 
 def load_persona_dialogues(split: Optional[str] = None, data_dir: Optional[str] = None):
     """The persona dialogue dataset shipped with the package (offline): a `DatasetDict`, or one split."""
-
     data_dir = data_dir or shipped_dataset_dir()
     files = {s: os.path.join(data_dir, f"{s}.parquet") for s in SPLITS}
     missing = [f for f in files.values() if not os.path.isfile(f)]
@@ -57,7 +56,6 @@ def load_persona_dialogues(split: Optional[str] = None, data_dir: Optional[str] 
 def load_persona_preferences(split: Optional[str] = None, data_dir: Optional[str] = None):
     """The best-of-N preference pairs of the v2 dataset (`preferences_<split>.parquet`: persona,
     prompt, chosen, rejected and their selection scores): a `DatasetDict`, or one split."""
-
     if data_dir is None:
         raise ValueError("Pass data_dir: the folder written by datasets_scripts/build_persona_dialogues_v2.py.")
     files = {s: os.path.join(data_dir, f"preferences_{s}.parquet") for s in SPLITS}

@@ -287,7 +287,6 @@ class SelectionJudge(_Judge):
         return verdicts
 
 
-__all__ = ["EvaluationJudge", "SelectionJudge", "Verdicts", "fluency", "load_eval_anchors", "penalties", "relevance"]
 
 
 def habit_score(reply: str, habit: str) -> float:
@@ -340,3 +339,7 @@ class StyleSelectionJudge(SelectionJudge):
             out[:, j] = (roles[:, self.roles.index(role)] * tempers[:, self.tempers.index(temper)]
                          * np.array([habit_score(r, habit) for r in replies]))
         return out
+
+
+__all__ = ["EvaluationJudge", "SelectionJudge", "StyleSelectionJudge", "Verdicts", "fluency", "habit_score",
+           "load_eval_anchors", "penalties", "relevance"]
