@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
     elif getattr(args, "base", None):
         model, tokenizer = from_base(args.base, personas="default")
     else:
-        model, tokenizer, _ = load_model(with_adapters=False)
+        model, tokenizer, _ = load_model(with_adapters=False, checkpoint=getattr(args, "checkpoint", "default"))
     warn_if_untrained(model, log=lambda m: print(f"warning: {m}", file=sys.stderr))
     return model, tokenizer
 
@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", help="zoo name, local folder or Hub id of a base LM: a fresh build with an "
                        "untrained persona layer (default: the shipped trained personas on SmolLM2)")
         p.add_argument("--model", help="a saved PersonaWeave model folder (instead of --base)")
+        p.add_argument("--checkpoint", default="default", choices=["default", "descriptions"],
+                       help="without --model/--base: the shipped checkpoint, 'default' (8 personas + LoRA) or "
+                            "'descriptions' (a layer trained over 72 descriptions, for --description personas)")
         p.add_argument("--max-new-tokens", type=int, default=48)
 
     p = sub.add_parser("chat", help="chat with a persona (interactive when no message is given)")

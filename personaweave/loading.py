@@ -29,8 +29,20 @@ LAYER_FILE = "persona_layer.safetensors"
 CONFIG_FILE = "persona_config.json"
 
 
-def shipped_checkpoint_dir() -> str:
-    return str(resources.files("personaweave.data").joinpath("checkpoint"))
+SHIPPED_CHECKPOINTS = {
+    # the 8 default personas' layer (v2 data) + their LoRA sub-personalities (DPO round 2)
+    "default": "checkpoint",
+    # a layer for new descriptions: prompt-distilled over the 8 defaults + 64 composed style personas
+    # (recipes/configs/distill_persona_style.yaml); no adapters
+    "descriptions": "checkpoint_descriptions",
+}
+
+
+def shipped_checkpoint_dir(name: str = "default") -> str:
+    """The folder of a checkpoint shipped in the package (`SHIPPED_CHECKPOINTS`)."""
+    if name not in SHIPPED_CHECKPOINTS:
+        raise ValueError(f"Unknown shipped checkpoint {name!r}; choose one of {sorted(SHIPPED_CHECKPOINTS)}.")
+    return str(resources.files("personaweave.data").joinpath(SHIPPED_CHECKPOINTS[name]))
 
 
 def has_shipped_checkpoint(path: Optional[str] = None) -> bool:
@@ -135,12 +147,16 @@ def read_model_config(path: str, model_types: Sequence[str] = ("personaweave",))
     return config
 
 
-def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base: str = SMOLLM2) -> LoadedModel:
+def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base: str = SMOLLM2,
+               checkpoint: str = "default") -> LoadedModel:
     """The one model loader: `(model, tokenizer, peft)`.
 
     `source` is None (the trained personas shipped in the package, on `base`; an untrained build when
     no checkpoint ships) or a saved PersonaWeave folder (checked first; its LoRA sub-personalities are
-    loaded when `with_adapters`). The tokenizer pads on the left, for generation.
+    loaded when `with_adapters`). With `source=None`, `checkpoint` picks the shipped checkpoint:
+    "default" (the 8 default personas with their LoRA sub-personalities) or "descriptions" (a persona
+    layer trained over 72 descriptions, for personas added from a new description). The tokenizer pads
+    on the left, for generation.
     """
     from transformers import AutoTokenizer
 
@@ -148,8 +164,12 @@ def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base
     from personaweave.sub_personalities import has_sub_personalities, load_sub_personalities
 
     if source is None:
-        if base == SMOLLM2 and has_shipped_checkpoint():
-            return LoadedModel(*load_pretrained_personas(with_adapters=with_adapters))
+        path = shipped_checkpoint_dir(checkpoint)
+        if base == SMOLLM2 and has_shipped_checkpoint(path):
+            return LoadedModel(*load_pretrained_personas(path, with_adapters=with_adapters))
+        if checkpoint != "default":
+            raise FileNotFoundError(f"The shipped checkpoint {checkpoint!r} is missing from {path}, or needs base "
+                                    f"{SMOLLM2!r} (got {base!r}).")
         model, tokenizer = from_base(base, personas="default")
         return LoadedModel(model, tokenizer, None)
     read_model_config(source)

@@ -49,8 +49,8 @@ from persona_quality import DECODING, held_out_candidates, trim_to_sentence  # n
 class UnseenPersonasArguments:
     models: list[str] = field(default_factory=lambda: ["outputs/sft_persona_v2/final"], metadata={
         "help": "PersonaWeave folders to compare (e.g. the layer trained on 8 personas and the one trained on "
-                "8 + 64 style personas), or `shipped` for the package's trained personas; each gets a "
-                "persona_token row."})
+                "8 + 64 style personas), or `shipped` / `shipped:descriptions` for a checkpoint shipped in the "
+                "package; each gets a persona_token row."})
     shards: str = field(default="datasets_scripts/shards/v2", metadata={"help": "Where the held-out turns come from."})
     split: str = field(default="test", metadata={"help": "Which split's turns to use."})
     max_turns: int = field(default=32, metadata={"help": "Held-out user turns (x 8 unseen personas)."})
@@ -138,7 +138,9 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
     table: dict[str, Any] = {}
     judge = None
     for index, folder in enumerate(args.models):
-        model, tokenizer, _ = load_model(None if folder == "shipped" else folder, with_adapters=False)
+        shipped, _, checkpoint = folder.partition(":")  # "shipped" or "shipped:descriptions"
+        model, tokenizer, _ = (load_model(None, with_adapters=False, checkpoint=checkpoint or "default")
+                               if shipped == "shipped" else load_model(folder, with_adapters=False))
         clash = sorted(set(names) & set(model.config.persona_names))
         if clash:
             raise SystemExit(f"error: {folder} was trained with {clash}: they are not unseen for it.")

@@ -106,3 +106,29 @@ def test_style_selection_judge_factorises_role_temperament_and_habit():
     assert habit_score("Fine. Go. Now.", "short") == 1.0 and habit_score("Fine. Go. Now.", "asks") < 1.0
     with pytest.raises(KeyError, match="habit"):
         habit_score("hello", "sings")
+
+
+@pytest.mark.slow
+def test_shipped_descriptions_checkpoint_spreads_unseen_descriptions_like_trained_ones():
+    """The shipped "descriptions" layer (prompt-distilled over 72 descriptions) holds no unseen persona, and
+    maps the 8 unseen descriptions about as far apart as its trained personas (the default layer, trained on
+    8 personas, put them at a quarter of that: 2.05 vs 8.15)."""
+    import importlib.util
+    import sys
+
+    from personaweave.loading import load_model
+
+    spec = importlib.util.spec_from_file_location("unseen_personas", ROOT / "recipes" / "unseen_personas.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["unseen_personas"] = recipe
+    spec.loader.exec_module(recipe)
+    model, tokenizer, peft = load_model(checkpoint="descriptions")
+    assert peft is None and len(model.config.persona_names) == 72
+    unseen = load_style_personas("unseen")
+    assert not {p.name for p in unseen} & set(model.config.persona_names)
+    for p in unseen:
+        model.add_persona(p.name, description=p.description, tokenizer=tokenizer)
+    spread = recipe.soft_vector_spread(model, [p.name for p in unseen])
+    assert spread["ratio"] > 0.6, spread
+    with pytest.raises(ValueError, match="Unknown shipped checkpoint"):
+        load_model(checkpoint="bard")
