@@ -54,8 +54,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from personaweave.generation import generate_replies
 
     model, tokenizer = _load(args)
+    if args.description is not None and args.persona not in model.config.persona_names:
+        try:  # a persona for this chat only, from its description (best with --checkpoint descriptions)
+            model.add_persona(args.persona, description=args.description, tokenizer=tokenizer)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     if args.persona not in model.config.persona_names:
-        raise UsageError(f"unknown persona {args.persona!r}; known: {model.config.persona_names}")
+        raise UsageError(f"unknown persona {args.persona!r}; known: {model.config.persona_names} "
+                         "(or give --description to add it for this chat)")
     history: list[dict[str, str]] = []
     messages = [args.message] if args.message else None
     while True:
@@ -127,7 +133,8 @@ def cmd_traits(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from personaweave.demo import run_demo
 
-    run_demo(base=args.base or "smollm2-135m-instruct", model_dir=args.model, max_new_tokens=args.max_new_tokens)
+    run_demo(base=args.base or "smollm2-135m-instruct", model_dir=args.model, max_new_tokens=args.max_new_tokens,
+             checkpoint=args.checkpoint)
     return 0
 
 
@@ -474,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a persona (interactive when no message is given)")
     add_model_args(p)
     p.add_argument("--persona", required=True)
+    p.add_argument("--description", help="add --persona from this description for this chat when the model lacks "
+                   "it (e.g. with --checkpoint descriptions)")
     p.add_argument("message", nargs="?")
     p.set_defaults(func=cmd_chat)
 

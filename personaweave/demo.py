@@ -25,7 +25,7 @@ BLEND = ("librarian_robot", {"librarian": 0.5, "robot": 0.5})
 
 
 def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
-             max_new_tokens: int = 40, width: int = 38) -> None:
+             max_new_tokens: int = 40, width: int = 38, checkpoint: str = "default") -> None:
     from personaweave.chat import chat, prompt_baseline_messages
     from personaweave.generation import Replies, generate_replies
     from personaweave.loading import from_base, load_model, persona_layer_is_trained
@@ -38,7 +38,7 @@ def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
 
     start = time.perf_counter()
     if model_dir or base == SMOLLM2:
-        model, tokenizer, peft = load_model(model_dir, base=base)
+        model, tokenizer, peft = load_model(model_dir, base=base, checkpoint=checkpoint)
     else:
         (model, tokenizer), peft = from_base(base, personas="default"), None
     name, weights = BLEND

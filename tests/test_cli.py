@@ -48,3 +48,21 @@ def test_not_a_personaweave_folder(tmp_path):
         main(["personas", "list", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a model folder"):
         main(["personas", "list", str(tmp_path / "missing")])
+
+
+def test_chat_description_that_does_not_fit_the_model_is_a_clear_error(model_dir):
+    before = (model_dir / "config.json").read_text()
+    # the tiny model's persona vectors have 8 dimensions, the shipped MiniLM's 384
+    with pytest.raises(SystemExit, match="shape"):
+        main(["chat", "--model", str(model_dir), "--persona", "bard", "--description",
+              "a wandering bard who answers in rhyme", "--max-new-tokens", "4", "hello"])
+    assert (model_dir / "config.json").read_text() == before  # nothing written
+
+
+@pytest.mark.slow
+def test_chat_adds_a_persona_from_a_description_on_the_descriptions_checkpoint(capsys):
+    assert main(["chat", "--checkpoint", "descriptions", "--persona", "bard", "--description",
+                 "a wandering bard who answers in rhyme", "--max-new-tokens", "4", "hello"]) == 0
+    assert capsys.readouterr().out.startswith("bard> ")
+    with pytest.raises(SystemExit, match="give --description"):
+        main(["chat", "--checkpoint", "descriptions", "--persona", "bard", "hello"])
