@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_recipes import load_recipe
 
 from personaweave.testing import tiny_persona_model
 from personaweave.training.prompt_distillation import PromptDistillationCollator, distillation_kl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("recipe_distill_persona", ROOT / "recipes" / "distill_persona.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def contains(ids: list[int], part: list[int]) -> bool:
@@ -82,7 +73,7 @@ def test_distillation_kl_is_zero_for_equal_distributions_and_finite_with_blocked
 
 
 def test_smoke_run_lowers_the_kl_and_trains_only_the_persona_layer(tmp_path):
-    recipe = load_recipe()
+    recipe = load_recipe("distill_persona")
     script_args, training_args = recipe.make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes" / "configs" / "distill_persona_smoke.yaml"),
          "--candidate_shards", str(ROOT / "tests" / "fixtures" / "candidate_shards"),
@@ -106,10 +97,7 @@ def test_smoke_run_lowers_the_kl_and_trains_only_the_persona_layer(tmp_path):
 
 
 def test_teacher_prompt_screening_uses_selection_lines_and_never_the_test_split(tmp_path):
-    spec = importlib.util.spec_from_file_location("recipe_teacher_prompts", ROOT / "recipes" / "teacher_prompts.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("teacher_prompts")
     from personaweave.evaluation.judges import load_style_eval_anchors
     from personaweave.zoo import load_style_personas
 

@@ -102,7 +102,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     # Blocked tokens (reserved persona ids) have -finfo.max logits in both: exp(log_t) = 0 there, and the
     # finite difference keeps 0 * (log_t - log_s) at 0 (no inf - inf).
-    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+    per_token = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0) * temperature**2
 
