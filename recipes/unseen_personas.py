@@ -18,11 +18,13 @@ Few-shot rows (`--few_shot_seeds`): per seed, `few_shot_k` of each unseen person
 (its role's and temperament's, never the evaluation anchors) are drawn, and the persona is given
 (a) as those lines in the system prompt (`few_shot_prompt`, the bare base) and, per model, (b) as
 persona tokens fitted to the lines with no description (`add_persona(examples=...)`: from the
-model's meta-learned `config.few_shot_init` when it has one, `few_shot_fit`) and (c) the same fit from
-the bank's mean vector (`few_shot_plain`); fitting time is reported per persona. A model without a
-`few_shot_init` gets one meta-learned in the run (`--meta_steps` > 0: first-order MAML or Reptile over
-the trained style personas it holds, each a task of its example lines, k support + the rest as query;
-the unseen personas are never tasks), and its time is reported.
+model's meta-learned start when it has one, `few_shot_fit`) and (c) the same fit from the bank's mean
+vector (`few_shot_plain`); fitting time is reported per persona. A model without a learned start gets one
+meta-learned in the run (`--meta_steps` > 0: first-order MAML or Reptile over the trained style personas
+it holds, each a task of its example lines, k support + the rest as query; the unseen personas are never
+tasks), and its time is reported. With `--few_shot_temperature` that start is a retrieval start (the
+bank's described personas weighted by similarity to the lines' embedding, plus an offset; each task's
+own persona left out of the retrieval), and `--few_shot_unfitted_row` adds the start without fitting.
 
     python recipes/unseen_personas.py --config recipes/configs/unseen_personas.yaml
 """
@@ -33,7 +35,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from trl import TrlParser
 
@@ -65,7 +67,19 @@ class UnseenPersonasArguments:
                 "(over the trained style personas they hold; 0: none)."})
     meta_method: str = field(default="fomaml", metadata={"help": "fomaml or reptile."})
     meta_tasks_per_step: int = field(default=4, metadata={"help": "Training personas per meta step."})
-    meta_lr: float = field(default=0.05, metadata={"help": "Adam learning rate of the start vector."})
+    meta_lr: float = field(default=0.05, metadata={"help": "Adam learning rate of the start vector (or offset)."})
+    meta_temperature_lr: float = field(default=0.1, metadata={
+        "help": "Adam learning rate of the log temperature of a retrieval start."})
+    few_shot_lr: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of the few-shot fit (config.few_shot_lr) for every few-shot row; None: the model's."})
+    few_shot_plain_lrs: list[float] = field(default_factory=list, metadata={
+        "help": "Extra plain-start rows fitted at these learning rates (the plain start's own best, beside the "
+                "shared one)."})
+    few_shot_temperature: Optional[float] = field(default=None, metadata={
+        "help": "Starting temperature of a retrieval start meta-learned in the run (the bank's described personas "
+                "weighted by similarity to the lines; offset and temperature learned). None: one start vector."})
+    few_shot_unfitted_row: bool = field(default=False, metadata={
+        "help": "Also a row with the meta-learned start and no fitting steps (what the fit adds)."})
 
 
 def make_parser() -> TrlParser:
@@ -103,22 +117,27 @@ def few_shot_lines(personas: list, k: int, seed: int) -> dict[str, list[str]]:
     return out
 
 
-def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments) -> tuple[list[float], dict] | None:
-    """A few-shot start meta-learned over the trained style personas `model` holds (None if it holds none),
-    with how it was learned."""
+def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments) -> tuple[Any, dict] | None:
+    """A few-shot start (`FewShotStart`) meta-learned over the trained style personas `model` holds (None
+    if it holds none), with how it was learned."""
     from personaweave.training.meta_learning import meta_learn_persona_init
     from personaweave.zoo import load_style_personas
 
-    tasks = [p.examples for p in load_style_personas("train") if p.name in model.config.persona_names]
+    tasks = {p.name: p.examples for p in load_style_personas("train") if p.name in model.config.persona_names}
     if not tasks:
         return None
     start = time.time()
-    init = meta_learn_persona_init(model, tokenizer, tasks, k=args.few_shot_k,
-                                   n_query=min(len(t) for t in tasks) - args.few_shot_k, meta_steps=args.meta_steps,
-                                   tasks_per_step=args.meta_tasks_per_step, meta_lr=args.meta_lr,
-                                   method=args.meta_method, seed=0, log=lambda m: print(m, flush=True))
-    return init.tolist(), {"tasks": len(tasks), "meta_steps": args.meta_steps, "method": args.meta_method,
-                           "seconds": round(time.time() - start, 1)}
+    learned = meta_learn_persona_init(model, tokenizer, tasks, k=args.few_shot_k,
+                                      n_query=min(map(len, tasks.values())) - args.few_shot_k,
+                                      meta_steps=args.meta_steps, tasks_per_step=args.meta_tasks_per_step,
+                                      meta_lr=args.meta_lr, method=args.meta_method,
+                                      temperature=args.few_shot_temperature,
+                                      temperature_lr=args.meta_temperature_lr, seed=0,
+                                      log=lambda m: print(m, flush=True))
+    return learned, {"tasks": len(tasks), "meta_steps": args.meta_steps, "method": args.meta_method,
+                     "start": "retrieval" if args.few_shot_temperature is not None else "vector",
+                     "temperature": learned.temperature, "offset_norm": round(float(learned.init.norm()), 4),
+                     "seconds": round(time.time() - start, 1)}
 
 
 def main(args: UnseenPersonasArguments) -> dict[str, Any]:
@@ -157,6 +176,8 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
             start = time.time()
             rows["prompt_baseline"] = (generate([prompt_baseline_messages(p.description, t)
                                                  for p in unseen for t in turns]), time.time() - start, None)
+        if args.few_shot_lr is not None:
+            model.config.few_shot_lr = args.few_shot_lr
         for seed in args.few_shot_seeds:
             lines = few_shot_lines(unseen, args.few_shot_k, seed)
             if index == 0:
@@ -164,14 +185,24 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
                 rows[f"few_shot_prompt:seed{seed}"] = (generate(
                     [[{"role": "system", "content": FEW_SHOT_PROMPT.format(lines="\n".join(f'"{x}"' for x in lines[n]))},
                       {"role": "user", "content": t}] for n, t in zip(targets, prompts)]), time.time() - start, None)
-            if seed == args.few_shot_seeds[0] and model.config.few_shot_init is None and args.meta_steps > 0:
+            config = model.config
+            learned_start = config.few_shot_init is not None or config.few_shot_temperature is not None
+            if seed == args.few_shot_seeds[0] and not learned_start and args.meta_steps > 0:
                 meta = meta_learned_init(model, tokenizer, args)
                 if meta is not None:
-                    model.config.few_shot_init, table[f"meta_init:{folder}"] = meta
-            inits = {"few_shot_fit": model.config.few_shot_init} if model.config.few_shot_init is not None else {}
-            inits["few_shot_plain"] = None
-            for label, init in inits.items():
-                model.config.few_shot_init = init
+                    meta[0].apply(config)
+                    table[f"meta_init:{folder}"] = meta[1]
+            saved = (config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr)
+            starts = {}  # row -> (few_shot_init, few_shot_temperature, few_shot_steps, few_shot_lr)
+            if saved[0] is not None or saved[1] is not None:
+                starts["few_shot_fit"] = saved
+                if args.few_shot_unfitted_row:
+                    starts["few_shot_start"] = (saved[0], saved[1], 0, saved[3])
+            starts["few_shot_plain"] = (None, None, saved[2], saved[3])
+            for lr in args.few_shot_plain_lrs:
+                starts[f"few_shot_plain_lr{lr}"] = (None, None, saved[2], lr)
+            for label, values in starts.items():
+                config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr = values
                 fit_start = time.time()
                 for n in names:
                     model.add_persona(f"{n}.fs", examples=lines[n], tokenizer=tokenizer)
@@ -182,7 +213,7 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
                                                                                      round(fit_seconds, 2)})
                 for n in names:
                     model.remove_persona(f"{n}.fs")
-            model.config.few_shot_init = inits.get("few_shot_fit")
+            config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr = saved
         for p in unseen:
             model.add_persona(p.name, description=p.description, traits=p.traits, tokenizer=tokenizer)
         start = time.time()

@@ -139,7 +139,7 @@ def test_meta_learned_init_adapts_better_than_the_plain_one(method):
     model.config.few_shot_steps, model.config.few_shot_lr = 3, 0.05
     plain = model.few_shot_init_vector()
     meta = meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, meta_steps=25, tasks_per_step=2, meta_lr=0.1,
-                                   method=method, log=lambda m: None)
+                                   method=method, log=lambda m: None).init
     assert model.config.persona_names == names  # the scratch persona is gone again
     assert not torch.equal(meta, plain)
 
@@ -163,3 +163,64 @@ def test_meta_learning_needs_tasks_with_enough_lines():
         meta_learn_persona_init(model, tok, [LINES], k=5, n_query=5, meta_steps=1)
     with pytest.raises(ValueError, match="fomaml"):
         meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, method="maml2")
+
+
+class FixedEncoder:
+    """Embeds every text as the same vector: the lines 'sound like' whatever persona that vector is near."""
+
+    def __init__(self, vector):
+        self.vector = torch.as_tensor(vector).float()
+
+    def encode(self, texts):
+        return [self.vector.numpy() for _ in texts]
+
+
+def test_retrieval_start_weighs_described_personas_by_similarity_to_the_lines(tmp_path):
+    model, tok = make_persona_model(names=("robot", "pirate", "butler"))
+    pirate = model.personas["pirate"].vector
+    encoder = FixedEncoder(pirate + 0.01)
+    assert torch.equal(model.few_shot_start(LINES, encoder), model.few_shot_init_vector())  # no temperature: plain
+    model.config.few_shot_temperature = 0.01
+    torch.testing.assert_close(model.few_shot_start(LINES, encoder), pirate, atol=1e-3, rtol=0)
+    # the persona itself left out (as in meta-learning): no longer the pirate
+    assert not torch.allclose(model.few_shot_start(LINES, encoder, exclude=["pirate"]), pirate, atol=0.1)
+    # a very high temperature weighs every described persona alike; the offset is added
+    model.config.few_shot_temperature = 1e6
+    model.config.few_shot_init = [1.0] * model.config.persona_dim
+    torch.testing.assert_close(model.few_shot_start(LINES, encoder), model.persona_vectors.mean(0) + 1, atol=1e-4, rtol=0)
+    # a persona without a description (e.g. an earlier few-shot one) is never retrieved, and with steps=0 the
+    # new persona's vector is the start itself
+    model.config.few_shot_init, model.config.few_shot_temperature, model.config.few_shot_steps = None, 0.01, 0
+    model.add_persona("decoy", vector=pirate + 0.01, tokenizer=tok)
+    persona = model.add_persona("sailor", examples=LINES, tokenizer=tok, encoder=encoder)
+    torch.testing.assert_close(persona.vector, pirate, atol=1e-3, rtol=0)
+    model.save_pretrained(tmp_path / "m")
+    assert PersonaWeaveForCausalLM.from_pretrained(tmp_path / "m").config.few_shot_temperature == 0.01
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="few_shot_temperature must be a finite number > 0"):
+            PersonaWeaveConfig(few_shot_temperature=bad)
+
+
+def test_meta_learned_retrieval_start_leaves_each_task_persona_out(hash_encoder, monkeypatch):
+    from personaweave.training.meta_learning import meta_learn_persona_init
+
+    model, tok = responsive_persona_model()
+    model.add_persona("butler", "a butler", vector=torch.randn(8, generator=torch.Generator().manual_seed(5)),
+                      tokenizer=tok)  # two keys left when a task's own persona is out: the temperature matters
+    model.config.few_shot_steps, model.config.few_shot_lr = 2, 0.05
+    excluded = []
+    keys = model.retrieval_keys
+    monkeypatch.setattr(model, "retrieval_keys", lambda exclude=(): excluded.append(set(exclude)) or keys(exclude))
+    learned = meta_learn_persona_init(model, tok, {"pirate": TASKS[0], "robot": TASKS[1]}, k=5, n_query=3,
+                                      meta_steps=4, tasks_per_step=2, meta_lr=0.1, temperature=0.5,
+                                      encoder=hash_encoder, log=lambda m: None)
+    assert len(excluded) == 8 and all(len(e & {"pirate", "robot"}) == 1 for e in excluded)
+    assert learned.temperature != 0.5 and learned.temperature > 0 and learned.init.norm() > 0
+    assert model.config.persona_names == ["robot", "pirate", "butler"]
+    learned.apply(model.config)
+    model.config.few_shot_steps = 0
+    persona = model.add_persona("probe", examples=HELD_OUT[:5], tokenizer=tok, encoder=hash_encoder)
+    monkeypatch.undo()
+    torch.testing.assert_close(persona.vector, model.few_shot_start(HELD_OUT[:5], hash_encoder, exclude=["probe"]))
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, temperature=float("nan"))

@@ -7,6 +7,7 @@ without personaweave installed.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from transformers import AutoConfig, PretrainedConfig
@@ -33,7 +34,12 @@ class PersonaWeaveConfig(PretrainedConfig):
         few_shot_init (`list[float]`, *optional*):
             Starting vector when `add_persona(name, examples=[...])` fits a persona from example lines
             (meta-learned by `personaweave.training.meta_learning.meta_learn_persona_init`). Default: the
-            mean of the bank's vectors.
+            mean of the bank's vectors. With `few_shot_temperature` set it is an offset added to the
+            retrieved start instead.
+        few_shot_temperature (`float`, *optional*):
+            When set, a few-shot fit starts from the lines themselves: the described personas' vectors
+            weighted by softmax(cosine(mean sentence embedding of the lines, vector) / temperature),
+            plus `few_shot_init` when that is set (both meta-learned together). Default: no retrieval.
         few_shot_steps (`int`, *optional*, defaults to 5):
             Gradient steps (Adam on the persona vector alone) of that fit.
         few_shot_lr (`float`, *optional*, defaults to 0.08):
@@ -51,6 +57,7 @@ class PersonaWeaveConfig(PretrainedConfig):
         persona_hidden_size: int = 512,
         personas: Optional[list[dict[str, Any]]] = None,
         few_shot_init: Optional[list[float]] = None,
+        few_shot_temperature: Optional[float] = None,
         few_shot_steps: int = 5,
         few_shot_lr: float = 0.08,
         **kwargs: Any,
@@ -66,6 +73,9 @@ class PersonaWeaveConfig(PretrainedConfig):
         self.persona_hidden_size = persona_hidden_size
         self.personas = [dict(p) for p in (personas or [])]
         self.few_shot_init = None if few_shot_init is None else [float(x) for x in few_shot_init]
+        if few_shot_temperature is not None and not (math.isfinite(few_shot_temperature) and few_shot_temperature > 0):
+            raise ValueError(f"few_shot_temperature must be a finite number > 0, got {few_shot_temperature!r}.")
+        self.few_shot_temperature = None if few_shot_temperature is None else float(few_shot_temperature)
         self.few_shot_steps = few_shot_steps
         self.few_shot_lr = few_shot_lr
         # Generation and weight tying read these from the top-level config.

@@ -14,6 +14,7 @@ folder loads with `trust_remote_code=True` where personaweave is not installed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -178,7 +179,7 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         if sum(x is not None for x in (blend, vector)) > 1:
             raise ValueError("Give at most one of blend= and vector=.")
         if blend is None and vector is None and description is None and examples:
-            return self._add_few_shot_persona(name, examples, traits, tokenizer)
+            return self._add_few_shot_persona(name, examples, traits, tokenizer, encoder)
         bank = self.personas
         if blend is not None:
             weights = normalise_blend(blend, bank.names)
@@ -212,10 +213,10 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
 
     # -- few-shot personas: a vector fitted to example lines ------------------------------------
     def _add_few_shot_persona(self, name: str, examples: Sequence[str], traits: Optional[Mapping[str, float]],
-                              tokenizer: Any) -> Persona:
+                              tokenizer: Any, encoder: Any = None) -> Persona:
         lines = check_examples(examples)
         persona = Persona(name, "", dict(traits) if traits else None, lines)
-        persona.vector = self.few_shot_init_vector()
+        persona.vector = self.few_shot_start(lines, encoder)
         self._append_persona(persona, self._reserve_tokens(name, tokenizer))
         try:
             fitted = self.fit_persona_vector(name, lines, tokenizer)
@@ -227,12 +228,39 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         return self.personas[name]
 
     def few_shot_init_vector(self) -> torch.Tensor:
-        """Where a few-shot fit starts: `config.few_shot_init` (meta-learned) or the bank's mean vector."""
+        """Where a few-shot fit starts without retrieval: `config.few_shot_init` (meta-learned) or the bank's
+        mean vector."""
         if self.config.few_shot_init is not None:
             return check_vector(self.config.few_shot_init, self.config.persona_dim, "few_shot_init")
         if len(self.persona_vectors):
             return self.persona_vectors.detach().float().mean(0).cpu()
         return torch.zeros(self.config.persona_dim)
+
+    def few_shot_start(self, lines: Sequence[str], encoder: Any = None, exclude: Sequence[str] = ()) -> torch.Tensor:
+        """Where a fit to `lines` starts. Without `config.few_shot_temperature`: `few_shot_init_vector()`.
+        With it: the described personas' vectors (those of `exclude` left out) weighted by their cosine
+        similarity to the lines' mean sentence embedding (`encoder`, default MiniLM), softmax at that
+        temperature, plus `config.few_shot_init` as an offset when set."""
+        if self.config.few_shot_temperature is None:
+            return self.few_shot_init_vector()
+        keys = self.retrieval_keys(exclude)
+        offset = (torch.zeros(self.config.persona_dim) if self.config.few_shot_init is None
+                  else check_vector(self.config.few_shot_init, self.config.persona_dim, "few_shot_init"))
+        if keys is None:  # nothing to retrieve from
+            return self.few_shot_init_vector()
+        query = lines_embedding(lines, encoder)
+        check_vector(query, self.config.persona_dim, "the lines' embedding")
+        with torch.no_grad():
+            start = retrieval_start(query, keys, torch.tensor(math.log(self.config.few_shot_temperature)), offset)
+        return start
+
+    def retrieval_keys(self, exclude: Sequence[str] = ()) -> Optional[torch.Tensor]:
+        """(N, persona_dim) vectors of the bank's described personas (a non-empty description) outside
+        `exclude`: what a retrieval start weighs; None when there are none."""
+        rows = [i for i, p in enumerate(self.config.personas) if p.get("description") and p["name"] not in set(exclude)]
+        if not rows:
+            return None
+        return self.persona_vectors.detach().float().cpu()[rows]
 
     def few_shot_batch(self, name: str, lines: Sequence[str], tokenizer: Any) -> dict[str, torch.Tensor]:
         """Padded model inputs whose labels are `lines`, each said by persona `name` (whose reserved
@@ -600,6 +628,22 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
         if ids:
             return ids[:1]
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def lines_embedding(lines: Sequence[str], encoder: Any = None) -> torch.Tensor:
+    """The unit-length mean of the lines' sentence embeddings (`encoder`, default MiniLM): what a retrieval
+    start compares with the bank's vectors."""
+    vectors = torch.stack(_encode(list(lines), encoder)).float()
+    return nn.functional.normalize(vectors.mean(0), dim=-1)
+
+
+def retrieval_start(query: torch.Tensor, keys: torch.Tensor, log_temperature: torch.Tensor,
+                    offset: torch.Tensor) -> torch.Tensor:
+    """softmax(cosine(query, keys) / exp(log_temperature)) @ keys + offset; differentiable in the temperature
+    and the offset (what meta-learning trains)."""
+    similarity = nn.functional.normalize(keys, dim=-1) @ nn.functional.normalize(query, dim=-1)
+    weights = torch.softmax(similarity / log_temperature.exp(), dim=0)
+    return weights @ keys + offset
 
 
 # Set by `personaweave.encoders` (imported by the package's loaders) to the shipped MiniLM; None where these

@@ -8,6 +8,7 @@ so the projection learns what separates speakers rather than topics.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -258,14 +259,44 @@ def few_shot_mse(head: TraitHead, task: TraitTask, k: int, steps: int, lr: float
 # is other lines of the same persona. First-order MAML applies the query gradient at the adapted vector to
 # the start; Reptile moves the start towards the adapted vector. The inner loop is the model's own, so
 # what is meta-learned is exactly what `add_persona` runs.
+#
+# The start is either one vector shared by every new persona, or (`temperature=`) a retrieval start that
+# depends on the support lines: the bank's described personas weighted by how close their vectors are to
+# the lines' sentence embedding, plus an offset (`PersonaWeaveModel.few_shot_start`). Then the offset and the
+# temperature are the meta-parameters, and each task's own persona is left out of the retrieval, as a new
+# persona is absent from the bank.
+
+
+@dataclass
+class FewShotStart:
+    """What meta-learning returns: `init` (`config.few_shot_init`: the start, or with a temperature the
+    offset added to the retrieved start) and `temperature` (`config.few_shot_temperature`; None: no
+    retrieval)."""
+
+    init: torch.Tensor
+    temperature: float | None = None
+
+    def apply(self, config) -> None:
+        """Make this the model's few-shot start."""
+        config.few_shot_init = self.init.tolist()
+        config.few_shot_temperature = self.temperature
 
 
 class PersonaInit(nn.Module):
-    """The meta-parameter: one persona vector (what `config.few_shot_init` stores)."""
+    """The meta-parameters: one vector (the start, or the retrieval offset) and, for a retrieval start, the
+    log of its temperature."""
 
-    def __init__(self, vector: torch.Tensor) -> None:
+    def __init__(self, vector: torch.Tensor, temperature: float | None = None) -> None:
         super().__init__()
         self.vector = nn.Parameter(vector.detach().float().clone())
+        self.log_temperature = None if temperature is None else nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def forward(self, query: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        if self.log_temperature is None or keys is None:
+            return self.vector
+        from personaweave.models.modeling_personaweave import retrieval_start
+
+        return retrieval_start(query, keys, self.log_temperature, self.vector)
 
 
 def sample_support_query(lines: Sequence[str], k: int, n_query: int, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -275,26 +306,43 @@ def sample_support_query(lines: Sequence[str], k: int, n_query: int, rng: random
     return picked[:k], picked[k:]
 
 
-def meta_learn_persona_init(model: nn.Module, tokenizer, tasks: Sequence[Sequence[str]], *, k: int = 5,
-                            n_query: int = 5, meta_steps: int = 50, tasks_per_step: int = 2, meta_lr: float = 0.05,
-                            inner_steps: int | None = None, inner_lr: float | None = None, method: str = "fomaml",
-                            init: torch.Tensor | None = None, seed: int = 0, log=print) -> torch.Tensor:
-    """A starting vector for few-shot personas, meta-learned over `tasks` (each: one persona's lines) in a
-    custom Accelerate loop. Returns it; store it as `model.config.few_shot_init` to make it the default.
+def meta_learn_persona_init(model: nn.Module, tokenizer, tasks: Sequence[Sequence[str]] | Mapping[str, Sequence[str]],
+                            *, k: int = 5, n_query: int = 5, meta_steps: int = 50, tasks_per_step: int = 2,
+                            meta_lr: float = 0.05, inner_steps: int | None = None, inner_lr: float | None = None,
+                            method: str = "fomaml", init: torch.Tensor | None = None, temperature: float | None = None,
+                            temperature_lr: float = 0.1, encoder=None, seed: int = 0, log=print) -> FewShotStart:
+    """A few-shot start meta-learned over `tasks` (each: one persona's lines; a mapping names them by their
+    persona in the bank) in a custom Accelerate loop. Returns it; `.apply(model.config)` makes it the default.
+
+    With `temperature` (its starting value), the start is a retrieval start (see `few_shot_start`): the
+    offset (from `init`, default zeros; Adam at `meta_lr`) and the log of the temperature (Adam at
+    `temperature_lr`) are learned, the support lines are embedded with
+    `encoder` (default MiniLM), and a named task's own persona is left out of what is retrieved. Without it,
+    one vector is learned, from `init` (default: the model's current plain start).
 
     The model's weights are not trained (each process holds the same frozen model); with several processes
     the meta-gradient is averaged across them."""
     from accelerate import Accelerator
 
+    from personaweave.models.modeling_personaweave import lines_embedding
+
     if method not in ("fomaml", "reptile"):
         raise ValueError(f"method must be 'fomaml' or 'reptile', got {method!r}.")
-    tasks = [list(t) for t in tasks if len(t) >= k + n_query]
-    if not tasks:
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    named = list(tasks.items()) if isinstance(tasks, Mapping) else [(None, t) for t in tasks]
+    named = [(name, list(t)) for name, t in named if len(t) >= k + n_query]
+    if not named:
         raise ValueError(f"No task has the k + n_query = {k + n_query} lines a meta step needs.")
     accelerator = Accelerator()
     rng = random.Random(seed + accelerator.process_index)
-    start = PersonaInit(model.few_shot_init_vector() if init is None else init)
-    optimizer = torch.optim.Adam(start.parameters(), lr=meta_lr)
+    if init is None:
+        init = torch.zeros(model.config.persona_dim) if temperature is not None else model.few_shot_init_vector()
+    start = PersonaInit(init, temperature)
+    groups = [{"params": [start.vector], "lr": meta_lr}]
+    if start.log_temperature is not None:
+        groups.append({"params": [start.log_temperature], "lr": temperature_lr})
+    optimizer = torch.optim.Adam(groups)
     start, optimizer = accelerator.prepare(start, optimizer)
     module = accelerator.unwrap_model(start)
     scratch = "fewshot-meta-scratch"
@@ -302,28 +350,37 @@ def meta_learn_persona_init(model: nn.Module, tokenizer, tasks: Sequence[Sequenc
         model.add_persona(scratch, vector=module.vector.detach().cpu(), tokenizer=tokenizer)
     try:
         for step in range(meta_steps):
-            grad = torch.zeros_like(module.vector)
+            optimizer.zero_grad()
             query_losses = []
             for _ in range(tasks_per_step):
-                support, query = sample_support_query(rng.choice(tasks), k, n_query, rng)
-                adapted = model.fit_persona_vector(scratch, support, tokenizer, init=module.vector.detach(),
+                name, lines = rng.choice(named)
+                support, query = sample_support_query(lines, k, n_query, rng)
+                if temperature is not None:
+                    keys = model.retrieval_keys(exclude=[scratch] + ([name] if name else []))
+                    task_start = module(lines_embedding(support, encoder), keys)
+                else:
+                    task_start = module()
+                adapted = model.fit_persona_vector(scratch, support, tokenizer, init=task_start.detach(),
                                                    steps=inner_steps, lr=inner_lr)
                 if method == "reptile":
-                    grad += (module.vector.detach() - adapted.to(grad)) / tasks_per_step
-                    continue
-                adapted = adapted.clone().requires_grad_(True)
-                loss = model.persona_loss(scratch, adapted, model.few_shot_batch(scratch, query, tokenizer))
-                (g,) = torch.autograd.grad(loss, [adapted])  # first order: the query gradient at the adapted point
-                grad += g.to(grad) / tasks_per_step
-                query_losses.append(float(loss.detach()))
-            module.vector.grad = accelerator.reduce(grad, reduction="mean") if accelerator.num_processes > 1 else grad
+                    grad = task_start.detach() - adapted.to(task_start)
+                else:  # first order: the query gradient at the adapted point
+                    adapted = adapted.clone().requires_grad_(True)
+                    loss = model.persona_loss(scratch, adapted, model.few_shot_batch(scratch, query, tokenizer))
+                    (grad,) = torch.autograd.grad(loss, [adapted])
+                    query_losses.append(float(loss.detach()))
+                task_start.backward(grad.to(task_start) / tasks_per_step)  # through the start's own parameters
+            if accelerator.num_processes > 1:
+                for p in module.parameters():
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
-            optimizer.zero_grad()
             if query_losses:
-                log(f"meta step {step + 1}/{meta_steps}: query loss after adaptation {np.mean(query_losses):.4f}")
+                extra = "" if module.log_temperature is None else f", temperature {float(module.log_temperature.detach().exp()):.4f}"
+                log(f"meta step {step + 1}/{meta_steps}: query loss after adaptation {np.mean(query_losses):.4f}{extra}")
     finally:
         model.remove_persona(scratch)
-    return module.vector.detach().cpu()
+    return FewShotStart(module.vector.detach().cpu(),
+                        None if module.log_temperature is None else float(module.log_temperature.detach().exp()))
 
 
 def lines_batch(model: nn.Module, tokenizer, system: str, lines: Sequence[str]) -> dict[str, torch.Tensor]:
