@@ -29,6 +29,9 @@ LAYER_FILE = "persona_layer.safetensors"
 CONFIG_FILE = "persona_config.json"
 
 
+# The few-shot start (see `PersonaWeaveConfig`): shipped with a checkpoint when the trained folder sets it.
+FEW_SHOT_KEYS = ("few_shot_init", "few_shot_temperature", "few_shot_steps", "few_shot_lr")
+
 SHIPPED_CHECKPOINTS = {
     # the 8 default personas' layer (v2 data) + their LoRA sub-personalities (DPO round 2)
     "default": "checkpoint",
@@ -63,6 +66,7 @@ def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2)
     try:
         save_file(layer, os.path.join(tmp, LAYER_FILE))
         meta = {key: config[key] for key in ("persona_dim", "num_persona_tokens", "persona_hidden_size")}
+        meta.update({key: config[key] for key in FEW_SHOT_KEYS if config.get(key) is not None})
         meta["base"] = base
         meta["personas"] = [{k: v for k, v in p.items() if k != "token_ids"} for p in config["personas"]]
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as handle:
@@ -103,7 +107,8 @@ def load_pretrained_personas(path: Optional[str] = None, with_adapters: bool = T
     language_model, tokenizer = load_base(meta["base"], **load_kwargs)
     config = PersonaWeaveConfig(text_config=language_model.config, persona_dim=meta["persona_dim"],
                                 num_persona_tokens=meta["num_persona_tokens"],
-                                persona_hidden_size=meta["persona_hidden_size"])
+                                persona_hidden_size=meta["persona_hidden_size"],
+                                **{key: meta[key] for key in FEW_SHOT_KEYS if key in meta})
     model = PersonaWeaveForCausalLM(config, language_model=language_model)
     model.generation_config = language_model.generation_config
     layer = load_file(os.path.join(path, LAYER_FILE))

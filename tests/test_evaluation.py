@@ -46,6 +46,8 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
     g = torch.Generator().manual_seed(0)
     for name in ("robot", "pirate"):
         model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
+    model.config.few_shot_temperature, model.config.few_shot_lr = 0.05, 0.005  # a learned few-shot start travels
+    model.config.few_shot_init = [0.25] * 8
     model.save_pretrained(tmp_path / "trained")
     tok.save_pretrained(tmp_path / "trained")
     peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
@@ -65,6 +67,8 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
     assert all(m & 0o044 == 0o044 for m in modes.values()), modes  # readable by others: a checkpoint to ship
     loaded, loaded_tok, loaded_peft = load_pretrained_personas(str(tmp_path / "ckpt"))
     assert loaded.config.persona_names == ["robot", "pirate"]
+    assert (loaded.config.few_shot_temperature, loaded.config.few_shot_lr, loaded.config.few_shot_init) == (
+        0.05, 0.005, [0.25] * 8)
     assert torch.equal(encode(loaded_tok, "robot"), ids)
     with torch.no_grad():
         with loaded_peft.disable_adapter():
