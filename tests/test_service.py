@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
@@ -52,6 +53,30 @@ def test_chat_models_and_user_state(client, service):
     assert client.post("/v1/feedback", json={"user": "u1", "rating": "up"}).json()["feedback"]["up"] == 1
     assert client.delete("/v1/users/u1").status_code == 200
     assert client.get("/v1/users/u1").status_code == 404
+
+
+def test_a_persona_from_a_description_takes_one_pool_slot_per_distinct_description(client, service, hash_encoder):
+    service._encoder = hash_encoder
+    bard = "a wandering bard who answers in rhyme"
+    first = client.post("/v1/chat/completions", json=body(model=f"description:{bard}", user="d1"))
+    assert first.status_code == 200, first.text
+    key = first.json()["system_fingerprint"]
+    assert key.startswith("description:") and first.json()["model"] == f"description:{bard}"
+    slot = service.pool.entries[key][0]
+    torch.testing.assert_close(service.model.personas[slot].vector, torch.as_tensor(hash_encoder.encode([bard])[0]))
+    again = client.post("/v1/chat/completions", json=body(model=f"description:  {bard} ", user="d2")).json()
+    assert again["system_fingerprint"] == key and len(service.pool.entries) == 1  # the same persona, not a new one
+    other = client.post("/v1/chat/completions", json=body(model="description:a gloomy chef", user="d3")).json()
+    assert other["system_fingerprint"] != key and len(service.pool.entries) == 2
+    assert client.get("/v1/users/d1").json()["state"]["persona"] == key
+    listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert key not in listed and not any(i.startswith("pool-") for i in listed)  # pool slots stay internal
+    empty = client.post("/v1/chat/completions", json=body(model="description:   ", user="bad"))
+    assert empty.status_code == 400 and "non-empty" in empty.json()["error"]["message"]
+    service._encoder = type("Wide", (), {"encode": lambda self, texts: [[0.5] * 16 for _ in texts]})()
+    wrong = client.post("/v1/chat/completions", json=body(model="description:a third one", user="bad"))
+    assert wrong.status_code == 400 and "(8,)" in wrong.json()["error"]["message"]
+    assert service.storage.state("bad") is None and len(service.pool.entries) == 2
 
 
 @pytest.mark.parametrize("payload, status, words", [

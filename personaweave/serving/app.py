@@ -1,8 +1,10 @@
 """The personality service: an OpenAI-compatible chat API over a PersonaWeave model.
 
 POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0.7,robot=0.3"),
-                           "auto" (the adaptation engine picks the blend) or "ab" (the persona A/B
-                           experiment assigns a variant); `user` = the user id
+                           a description ("description:a wandering bard who answers in rhyme":
+                           encoded and mapped to persona tokens by the layer; best with the
+                           `descriptions` checkpoint), "auto" (the adaptation engine picks the blend)
+                           or "ab" (the persona A/B experiment assigns a variant); `user` = the user id
 GET  /v1/models            the personas a client may name, plus `auto` / `ab` when enabled (blends are
                            asked for as `blend:...` and not listed; the pool's slots are internal)
 GET/DELETE /v1/users/{id}  a user's state and turns (ids may contain "/")
@@ -31,7 +33,8 @@ step. Generation is continuously batched (`batching.ContinuousBatcher`: requests
 included, join and leave the running batch between decode steps, each with its own sampling
 settings and max_tokens); a failure is confined to its request; a stream always ends (an SSE error
 event, then [DONE]). Blends and per-user adaptive personas live in a fixed pool of `pool_size` bank slots
-(least recently used evicted), so the bank, the tokenizer and the embedding matrix stay bounded.
+(least recently used evicted), so the bank, the tokenizer and the embedding matrix stay bounded;
+personas from a description share that pool (one slot per distinct description and key).
 
 Per-user state in the database: persona, turn count, last model spec, the adaptive trait state,
 the A/B assignment and ratings, feedback counts. The adaptive trait states and A/B ratings are
@@ -64,6 +67,7 @@ from typing import Any, Literal, Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+import torch
 from pydantic import BaseModel, Field, field_validator
 
 from personaweave.chat import chat
@@ -81,6 +85,7 @@ REPETITION_PENALTY = 1.2
 DEFAULT_TOP_P = 0.9
 EXPERIMENT = "persona-ab"
 POOL_PREFIX = "pool-"
+DESCRIPTION_PREFIX = "description:"
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -198,7 +203,8 @@ class PersonaPool:
             raise ValueError("The persona pool needs at least one slot.")
         self.model, self.tokenizer, self.size = model, tokenizer, size
         self.slots = [f"{POOL_PREFIX}{i}" for i in range(size)]
-        self.entries: OrderedDict[str, tuple[str, dict[str, float]]] = OrderedDict()  # key -> (slot, blend)
+        # key -> (slot, blend weights or vector)
+        self.entries: OrderedDict[str, tuple[str, dict[str, float] | torch.Tensor]] = OrderedDict()
         self.pins: Counter = Counter()
         self.evictions = 0
         self._lock = threading.Lock()
@@ -224,16 +230,17 @@ class PersonaPool:
             self.pins[slot] += 1
             return slot
 
-    def acquire(self, key: str, blend: Mapping[str, float], replace: bool = False) -> str:
-        """Pin and return the slot holding `key`'s persona, adding it (evicting the least recently
-        used unpinned slot if the pool is full). With `replace`, the persona is rebuilt from
-        `blend` even when present (an adaptive user's new traits). Call with the model lock held."""
-        blend = dict(blend)
+    def acquire(self, key: str, blend: Mapping[str, float] | torch.Tensor, replace: bool = False) -> str:
+        """Pin and return the slot holding `key`'s persona (`blend`: weights over the bank, or a vector),
+        adding it (evicting the least recently used unpinned slot if the pool is full). With `replace`, the
+        persona is rebuilt from `blend` even when present (an adaptive user's new traits). Call with the
+        model lock held."""
+        blend = blend if isinstance(blend, torch.Tensor) else dict(blend)
         with self._lock:
             if key in self.entries:
                 slot, old = self.entries[key]
                 self.entries.move_to_end(key)
-                if replace and old != blend:
+                if replace and not (isinstance(old, dict) and old == blend):
                     self.model.remove_persona(slot)
                     self._add(slot, blend)
                     self.entries[key] = (slot, blend)
@@ -256,8 +263,11 @@ class PersonaPool:
             self.pins[slot] += 1
             return slot
 
-    def _add(self, slot: str, blend: Mapping[str, float]) -> None:
-        self.model.add_persona(slot, blend=blend, tokenizer=self.tokenizer)
+    def _add(self, slot: str, blend: Mapping[str, float] | torch.Tensor) -> None:
+        if isinstance(blend, torch.Tensor):
+            self.model.add_persona(slot, vector=blend, tokenizer=self.tokenizer)
+        else:
+            self.model.add_persona(slot, blend=blend, tokenizer=self.tokenizer)
 
     def release(self, slot: Optional[str]) -> None:
         if slot is None or not self.is_slot(slot):
@@ -301,15 +311,17 @@ class PersonaService:
                  history_turns: int = 6,
                  experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
                  pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
-                 max_prompt_tokens: Optional[int] = None, decoder: Any = None) -> None:
+                 max_prompt_tokens: Optional[int] = None, decoder: Any = None, encoder: Any = None) -> None:
         """`decoder`: what runs the forward passes instead of `model` (e.g. `onnx_backend.OnnxDecoder`); it
-        holds a fixed bank, so blends and `auto` are then refused."""
+        holds a fixed bank, so blends, descriptions and `auto` are then refused. `encoder`: what encodes a
+        `description:` persona (anything with `.encode(list[str])`; default: the shipped MiniLM, loaded on
+        first use)."""
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.dynamic_personas = decoder is None
         if decoder is not None and adapter is not None:
             raise ValueError("The adaptation engine ('auto') needs the PyTorch backend: an exported graph holds a "
                              "fixed persona bank.")
-        self.memory, self.adapter = memory, adapter
+        self.memory, self.adapter, self._encoder = memory, adapter, encoder
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
         self.user_locks = UserLocks()
         self.model_lock = FairLock()  # bank edits and decode steps do not interleave; edits wait one step at most
@@ -370,6 +382,13 @@ class PersonaService:
             if not user:
                 raise HTTPException(400, "model 'ab' needs a `user`: the assignment is per user.")
             return None
+        if spec.startswith(DESCRIPTION_PREFIX):
+            if not self.dynamic_personas:
+                raise HTTPException(400, "Personas from a description need the PyTorch backend: this server runs an "
+                                         f"exported ONNX graph, which holds a fixed set of personas: {names}.")
+            if not spec[len(DESCRIPTION_PREFIX):].strip():
+                raise HTTPException(400, "A persona description must be a non-empty string after 'description:'.")
+            return None
         if spec.startswith("blend:"):
             if not self.dynamic_personas:
                 raise HTTPException(400, "Blends need the PyTorch backend: this server runs an exported ONNX graph, "
@@ -391,7 +410,8 @@ class PersonaService:
                 raise HTTPException(400, str(err)) from None
             return weights
         if spec not in names:
-            raise HTTPException(404, f"Unknown persona {spec!r}; available: {names}, 'auto' or 'blend:...'.")
+            raise HTTPException(404, f"Unknown persona {spec!r}; available: {names}, 'auto', 'blend:...' or "
+                                     "'description:...'.")
         return None
 
     def acquire(self, spec: str, user: Optional[str], message: str, anonymous: str = "anonymous"
@@ -399,6 +419,8 @@ class PersonaService:
         """(persona name to report, bank name to prompt with, pinned pool slot or None). `auto`
         without a user adapts the (tenant's) `anonymous` state."""
         weights = self.check_spec(spec, user)
+        if spec.startswith(DESCRIPTION_PREFIX):
+            return self.acquire_description(spec[len(DESCRIPTION_PREFIX):].strip())
         if spec == "ab":
             name = self.experiment.assign(user)
             return name, name, None
@@ -417,6 +439,27 @@ class PersonaService:
                     raise HTTPException(400, str(err)) from None
             return ("auto" if spec == "auto" else key[len("blend:"):]), slot, slot
         return spec, spec, None
+
+    def acquire_description(self, description: str) -> tuple[str, str, str]:
+        """A pool slot holding the persona of `description` (encoded outside the model lock, once per
+        distinct description while it stays in the pool)."""
+        key = DESCRIPTION_PREFIX + hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
+        slot = self.pool.lookup(key)
+        if slot is None:
+            if self._encoder is None:
+                from personaweave.encoders import default_encoder
+
+                self._encoder = default_encoder()
+            vector = torch.as_tensor(self._encoder.encode([description])[0], dtype=torch.float32)
+            if vector.shape != (self.model.config.persona_dim,) or not torch.isfinite(vector).all():
+                raise HTTPException(400, f"The description's encoding has shape {tuple(vector.shape)}; this model's "
+                                         f"persona layer takes ({self.model.config.persona_dim},).")
+            try:
+                with self.model_lock:
+                    slot = self.pool.acquire(key, vector)
+            except PoolExhausted as err:
+                raise HTTPException(503, f"Busy: {err}; retry shortly.") from None
+        return key, slot, slot
 
     def release(self, slot: Optional[str]) -> None:
         self.pool.release(slot)
