@@ -137,7 +137,7 @@ def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments)
     return learned, {"tasks": len(tasks), "meta_steps": args.meta_steps, "method": args.meta_method,
                      "start": "retrieval" if args.few_shot_temperature is not None else "vector",
                      "temperature": learned.temperature, "offset_norm": round(float(learned.init.norm()), 4),
-                     "seconds": round(time.time() - start, 1)}
+                     "seconds": round(time.time() - start, 1), "init": learned.init.tolist()}
 
 
 def main(args: UnseenPersonasArguments) -> dict[str, Any]:
