@@ -132,3 +132,25 @@ def test_shipped_descriptions_checkpoint_spreads_unseen_descriptions_like_traine
     assert spread["ratio"] > 0.6, spread
     with pytest.raises(ValueError, match="Unknown shipped checkpoint"):
         load_model(checkpoint="bard")
+
+
+@pytest.mark.slow
+def test_shipped_descriptions_checkpoint_starts_few_shot_personas_from_their_lines():
+    """The shipped "descriptions" checkpoint carries a meta-learned retrieval start: five example lines of an
+    unseen persona start nearest to its own description's vector among the 8 unseen descriptions for most
+    of them (the bank mean, the start without retrieval, is one point for all: 1 of 8)."""
+    import random
+
+    import torch
+
+    from personaweave.encoders import default_encoder
+    from personaweave.loading import load_model
+
+    model, tokenizer, _ = load_model(checkpoint="descriptions")
+    assert model.config.few_shot_temperature is not None and model.config.few_shot_init is not None
+    unseen = load_style_personas("unseen")
+    described = torch.nn.functional.normalize(torch.stack(
+        [torch.as_tensor(v) for v in default_encoder().encode([p.description for p in unseen])]).float(), dim=-1)
+    rng = random.Random(0)
+    nearest = [int((described @ model.few_shot_start(rng.sample(list(p.examples), 5))).argmax()) for p in unseen]
+    assert sum(n == i for i, n in enumerate(nearest)) >= 6, nearest
