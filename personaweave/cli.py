@@ -53,15 +53,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from personaweave.chat import chat
     from personaweave.generation import generate_replies
 
+    if args.description is not None and args.examples is not None:
+        raise UsageError("give --description or --examples, not both")
+    examples = None
+    if args.examples is not None:
+        try:
+            with open(args.examples, encoding="utf-8") as handle:
+                examples = [line.strip() for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read --examples {args.examples}: {err}") from None
     model, tokenizer = _load(args)
-    if args.description is not None and args.persona not in model.config.persona_names:
-        try:  # a persona for this chat only, from its description (best with --checkpoint descriptions)
-            model.add_persona(args.persona, description=args.description, tokenizer=tokenizer)
+    if (args.description is not None or examples is not None) and args.persona not in model.config.persona_names:
+        try:  # a persona for this chat only (best with --checkpoint descriptions)
+            if examples is not None:  # fitted to the lines (a few seconds)
+                model.add_persona(args.persona, examples=examples, tokenizer=tokenizer)
+            else:
+                model.add_persona(args.persona, description=args.description, tokenizer=tokenizer)
         except ValueError as err:
             raise UsageError(str(err)) from err
     if args.persona not in model.config.persona_names:
         raise UsageError(f"unknown persona {args.persona!r}; known: {model.config.persona_names} "
-                         "(or give --description to add it for this chat)")
+                         "(or give --description or --examples to add it for this chat)")
     history: list[dict[str, str]] = []
     messages = [args.message] if args.message else None
     while True:
@@ -483,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persona", required=True)
     p.add_argument("--description", help="add --persona from this description for this chat when the model lacks "
                    "it (e.g. with --checkpoint descriptions)")
+    p.add_argument("--examples", metavar="FILE", help="or add it from example lines in its voice (a text file, one "
+                   "line each, at least 5): the vector is fitted to them")
     p.add_argument("message", nargs="?")
     p.set_defaults(func=cmd_chat)
 

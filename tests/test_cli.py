@@ -59,6 +59,24 @@ def test_chat_description_that_does_not_fit_the_model_is_a_clear_error(model_dir
     assert (model_dir / "config.json").read_text() == before  # nothing written
 
 
+def test_chat_persona_from_example_lines(model_dir, tmp_path, capsys):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("arr matey , the sea !\n\nahoy , the ship !\narr , a ship .\nthe sea ! arr .\nahoy ahoy .\n")
+    before = (model_dir / "config.json").read_text()
+    assert main(["chat", "--model", str(model_dir), "--persona", "sailor", "--examples", str(lines),
+                 "--max-new-tokens", "3", "hello"]) == 0
+    assert capsys.readouterr().out.startswith("sailor> ")
+    assert (model_dir / "config.json").read_text() == before  # for this chat only: nothing written
+    lines.write_text("arr\nahoy\n")
+    with pytest.raises(SystemExit, match="at least 5 example lines; got 2"):
+        main(["chat", "--model", str(model_dir), "--persona", "sailor", "--examples", str(lines), "hello"])
+    with pytest.raises(SystemExit, match="cannot read --examples"):
+        main(["chat", "--model", str(model_dir), "--persona", "sailor", "--examples", str(tmp_path / "no"), "hi"])
+    with pytest.raises(SystemExit, match="not both"):
+        main(["chat", "--model", str(model_dir), "--persona", "sailor", "--examples", str(lines),
+              "--description", "a sailor", "hi"])
+
+
 @pytest.mark.slow
 def test_chat_adds_a_persona_from_a_description_on_the_descriptions_checkpoint(capsys):
     assert main(["chat", "--checkpoint", "descriptions", "--persona", "bard", "--description",
