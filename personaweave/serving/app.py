@@ -64,10 +64,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Optional
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-import torch
 from pydantic import BaseModel, Field, field_validator
 
 from personaweave.chat import chat
