@@ -30,7 +30,7 @@ CONFIG_FILE = "persona_config.json"
 
 
 # The few-shot start (see `PersonaWeaveConfig`): shipped with a checkpoint when the trained folder sets it.
-FEW_SHOT_KEYS = ("few_shot_init", "few_shot_temperature", "few_shot_steps", "few_shot_lr")
+FEW_SHOT_KEYS = ("few_shot_init", "few_shot_temperature", "few_shot_offset", "few_shot_steps", "few_shot_lr")
 
 SHIPPED_CHECKPOINTS = {
     # the 8 default personas' layer (v2 data) + their LoRA sub-personalities (DPO round 2)

@@ -96,7 +96,7 @@ def main(args: FewShotArguments) -> dict:
     start = time.perf_counter()
     meta = meta_learn_persona_init(model, tok, train_tasks, k=args.k, n_query=args.n_query, meta_steps=args.meta_steps,
                                    tasks_per_step=args.tasks_per_step, meta_lr=args.meta_lr, method=args.meta_method,
-                                   init=plain, seed=args.meta_seed, log=lambda m: print(m, flush=True)).init
+                                   init=plain, seed=args.meta_seed, log=lambda m: print(m, flush=True)).vector
     report["meta"] = {"seconds": round(time.perf_counter() - start, 1), "moved": float((meta - plain).norm()),
                       "plain_norm": float(plain.norm()), "init": meta.tolist()}
     for seed in args.seeds:

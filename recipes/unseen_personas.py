@@ -41,6 +41,7 @@ from trl import TrlParser
 
 from personaweave.chat import chat, prompt_baseline_messages
 from personaweave.files import write_json
+from personaweave.loading import FEW_SHOT_KEYS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from few_shot_personas import FEW_SHOT_PROMPT  # noqa: E402
@@ -63,7 +64,7 @@ class UnseenPersonasArguments:
         "help": "Seeds of the few-shot rows (empty: no few-shot rows); each draws its own example lines."})
     few_shot_k: int = field(default=5, metadata={"help": "Example lines per persona in the few-shot rows."})
     meta_steps: int = field(default=0, metadata={
-        "help": "Meta steps of a few-shot start learned in the run for models without config.few_shot_init "
+        "help": "Meta steps of a few-shot start learned in the run for models without one (config.few_shot_init "
                 "(over the trained style personas they hold; 0: none)."})
     meta_method: str = field(default="fomaml", metadata={"help": "fomaml or reptile."})
     meta_tasks_per_step: int = field(default=4, metadata={"help": "Training personas per meta step."})
@@ -117,6 +118,11 @@ def few_shot_lines(personas: list, k: int, seed: int) -> dict[str, list[str]]:
     return out
 
 
+def has_learned_start(config: Any) -> bool:
+    """Whether the model's few-shot start is a learned one (a vector or a retrieval start), not the bank mean."""
+    return config.few_shot_init is not None or config.few_shot_temperature is not None
+
+
 def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments) -> tuple[Any, dict] | None:
     """A few-shot start (`FewShotStart`) meta-learned over the trained style personas `model` holds (None
     if it holds none), with how it was learned."""
@@ -136,8 +142,8 @@ def meta_learned_init(model: Any, tokenizer: Any, args: UnseenPersonasArguments)
                                       log=lambda m: print(m, flush=True))
     return learned, {"tasks": len(tasks), "meta_steps": args.meta_steps, "method": args.meta_method,
                      "start": "retrieval" if args.few_shot_temperature is not None else "vector",
-                     "temperature": learned.temperature, "offset_norm": round(float(learned.init.norm()), 4),
-                     "seconds": round(time.time() - start, 1), "init": learned.init.tolist()}
+                     "temperature": learned.temperature, "vector_norm": round(float(learned.vector.norm()), 4),
+                     "seconds": round(time.time() - start, 1), "vector": learned.vector.tolist()}
 
 
 def main(args: UnseenPersonasArguments) -> dict[str, Any]:
@@ -186,23 +192,24 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
                     [[{"role": "system", "content": FEW_SHOT_PROMPT.format(lines="\n".join(f'"{x}"' for x in lines[n]))},
                       {"role": "user", "content": t}] for n, t in zip(targets, prompts)]), time.time() - start, None)
             config = model.config
-            learned_start = config.few_shot_init is not None or config.few_shot_temperature is not None
-            if seed == args.few_shot_seeds[0] and not learned_start and args.meta_steps > 0:
+            if seed == args.few_shot_seeds[0] and not has_learned_start(config) and args.meta_steps > 0:
                 meta = meta_learned_init(model, tokenizer, args)
                 if meta is not None:
                     meta[0].apply(config)
                     table[f"meta_init:{folder}"] = meta[1]
-            saved = (config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr)
-            starts = {}  # row -> (few_shot_init, few_shot_temperature, few_shot_steps, few_shot_lr)
-            if saved[0] is not None or saved[1] is not None:
+            saved = {key: getattr(config, key) for key in FEW_SHOT_KEYS}
+            starts = {}  # row -> the few-shot settings it runs with
+            if has_learned_start(config):
                 starts["few_shot_fit"] = saved
                 if args.few_shot_unfitted_row:
-                    starts["few_shot_start"] = (saved[0], saved[1], 0, saved[3])
-            starts["few_shot_plain"] = (None, None, saved[2], saved[3])
+                    starts["few_shot_start"] = {**saved, "few_shot_steps": 0}
+            plain = {**saved, "few_shot_init": None, "few_shot_offset": None, "few_shot_temperature": None}
+            starts["few_shot_plain"] = plain
             for lr in args.few_shot_plain_lrs:
-                starts[f"few_shot_plain_lr{lr}"] = (None, None, saved[2], lr)
+                starts[f"few_shot_plain_lr{lr}"] = {**plain, "few_shot_lr": lr}
             for label, values in starts.items():
-                config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr = values
+                for key, value in values.items():
+                    setattr(config, key, value)
                 fit_start = time.time()
                 for n in names:
                     model.add_persona(f"{n}.fs", examples=lines[n], tokenizer=tokenizer)
@@ -213,7 +220,8 @@ def main(args: UnseenPersonasArguments) -> dict[str, Any]:
                                                                                      round(fit_seconds, 2)})
                 for n in names:
                     model.remove_persona(f"{n}.fs")
-            config.few_shot_init, config.few_shot_temperature, config.few_shot_steps, config.few_shot_lr = saved
+            for key, value in saved.items():
+                setattr(config, key, value)
         for p in unseen:
             model.add_persona(p.name, description=p.description, traits=p.traits, tokenizer=tokenizer)
         start = time.time()

@@ -47,7 +47,7 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
     for name in ("robot", "pirate"):
         model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
     model.config.few_shot_temperature, model.config.few_shot_lr = 0.05, 0.005  # a learned few-shot start travels
-    model.config.few_shot_init = [0.25] * 8
+    model.config.few_shot_offset = [0.25] * 8
     model.save_pretrained(tmp_path / "trained")
     tok.save_pretrained(tmp_path / "trained")
     peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
@@ -67,7 +67,7 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
     assert all(m & 0o044 == 0o044 for m in modes.values()), modes  # readable by others: a checkpoint to ship
     loaded, loaded_tok, loaded_peft = load_pretrained_personas(str(tmp_path / "ckpt"))
     assert loaded.config.persona_names == ["robot", "pirate"]
-    assert (loaded.config.few_shot_temperature, loaded.config.few_shot_lr, loaded.config.few_shot_init) == (
+    assert (loaded.config.few_shot_temperature, loaded.config.few_shot_lr, loaded.config.few_shot_offset) == (
         0.05, 0.005, [0.25] * 8)
     assert torch.equal(encode(loaded_tok, "robot"), ids)
     with torch.no_grad():

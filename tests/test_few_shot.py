@@ -139,7 +139,7 @@ def test_meta_learned_init_adapts_better_than_the_plain_one(method):
     model.config.few_shot_steps, model.config.few_shot_lr = 3, 0.05
     plain = model.few_shot_init_vector()
     meta = meta_learn_persona_init(model, tok, TASKS, k=5, n_query=3, meta_steps=25, tasks_per_step=2, meta_lr=0.1,
-                                   method=method, log=lambda m: None).init
+                                   method=method, log=lambda m: None).vector
     assert model.config.persona_names == names  # the scratch persona is gone again
     assert not torch.equal(meta, plain)
 
@@ -186,11 +186,11 @@ def test_retrieval_start_weighs_described_personas_by_similarity_to_the_lines(tm
     assert not torch.allclose(model.few_shot_start(LINES, encoder, exclude=["pirate"]), pirate, atol=0.1)
     # a very high temperature weighs every described persona alike; the offset is added
     model.config.few_shot_temperature = 1e6
-    model.config.few_shot_init = [1.0] * model.config.persona_dim
+    model.config.few_shot_offset = [1.0] * model.config.persona_dim
     torch.testing.assert_close(model.few_shot_start(LINES, encoder), model.persona_vectors.mean(0) + 1, atol=1e-4, rtol=0)
     # a persona without a description (e.g. an earlier few-shot one) is never retrieved, and with steps=0 the
     # new persona's vector is the start itself
-    model.config.few_shot_init, model.config.few_shot_temperature, model.config.few_shot_steps = None, 0.01, 0
+    model.config.few_shot_offset, model.config.few_shot_temperature, model.config.few_shot_steps = None, 0.01, 0
     model.add_persona("decoy", vector=pirate + 0.01, tokenizer=tok)
     persona = model.add_persona("sailor", examples=LINES, tokenizer=tok, encoder=encoder)
     torch.testing.assert_close(persona.vector, pirate, atol=1e-3, rtol=0)
@@ -215,7 +215,7 @@ def test_meta_learned_retrieval_start_leaves_each_task_persona_out(hash_encoder,
                                       meta_steps=4, tasks_per_step=2, meta_lr=0.1, temperature=0.5,
                                       encoder=hash_encoder, log=lambda m: None)
     assert len(excluded) == 8 and all(len(e & {"pirate", "robot"}) == 1 for e in excluded)
-    assert learned.temperature != 0.5 and learned.temperature > 0 and learned.init.norm() > 0
+    assert learned.temperature != 0.5 and learned.temperature > 0 and learned.vector.norm() > 0
     assert model.config.persona_names == ["robot", "pirate", "butler"]
     learned.apply(model.config)
     model.config.few_shot_steps = 0

@@ -237,8 +237,8 @@ def test_unseen_personas_meta_learns_a_few_shot_start_from_the_trained_style_per
     start = model.few_shot_init_vector().clone()
     learned, info = recipe.meta_learned_init(model, tok, args)
     assert info["tasks"] == 3 and info["meta_steps"] == 3 and info["start"] == "vector"
-    assert learned.temperature is None and len(learned.init) == model.config.persona_dim
-    assert not torch.allclose(learned.init, start)  # the meta steps moved the start
+    assert learned.temperature is None and len(learned.vector) == model.config.persona_dim
+    assert not torch.allclose(learned.vector, start)  # the meta steps moved the start
     assert "fewshot-meta-scratch" not in model.config.persona_names  # the scratch persona is gone again
     defaults_only, tok = tiny_persona_model()
     assert recipe.meta_learned_init(defaults_only, tok, args) is None  # no training style persona: no tasks

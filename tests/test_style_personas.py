@@ -147,7 +147,7 @@ def test_shipped_descriptions_checkpoint_starts_few_shot_personas_from_their_lin
     from personaweave.loading import load_model
 
     model, tokenizer, _ = load_model(checkpoint="descriptions")
-    assert model.config.few_shot_temperature is not None and model.config.few_shot_init is not None
+    assert model.config.few_shot_temperature is not None and model.config.few_shot_offset is not None
     unseen = load_style_personas("unseen")
     described = torch.nn.functional.normalize(torch.stack(
         [torch.as_tensor(v) for v in default_encoder().encode([p.description for p in unseen])]).float(), dim=-1)

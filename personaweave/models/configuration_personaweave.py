@@ -34,12 +34,13 @@ class PersonaWeaveConfig(PretrainedConfig):
         few_shot_init (`list[float]`, *optional*):
             Starting vector when `add_persona(name, examples=[...])` fits a persona from example lines
             (meta-learned by `personaweave.training.meta_learning.meta_learn_persona_init`). Default: the
-            mean of the bank's vectors. With `few_shot_temperature` set it is an offset added to the
-            retrieved start instead.
+            mean of the bank's vectors. Not used when `few_shot_temperature` is set.
         few_shot_temperature (`float`, *optional*):
             When set, a few-shot fit starts from the lines themselves: the described personas' vectors
             weighted by softmax(cosine(mean sentence embedding of the lines, vector) / temperature),
-            plus `few_shot_init` when that is set (both meta-learned together). Default: no retrieval.
+            plus `few_shot_offset` (both meta-learned together). Default: no retrieval.
+        few_shot_offset (`list[float]`, *optional*):
+            Added to that retrieved start. Default: none.
         few_shot_steps (`int`, *optional*, defaults to 5):
             Gradient steps (Adam on the persona vector alone) of that fit.
         few_shot_lr (`float`, *optional*, defaults to 0.08):
@@ -58,6 +59,7 @@ class PersonaWeaveConfig(PretrainedConfig):
         personas: Optional[list[dict[str, Any]]] = None,
         few_shot_init: Optional[list[float]] = None,
         few_shot_temperature: Optional[float] = None,
+        few_shot_offset: Optional[list[float]] = None,
         few_shot_steps: int = 5,
         few_shot_lr: float = 0.08,
         **kwargs: Any,
@@ -76,6 +78,7 @@ class PersonaWeaveConfig(PretrainedConfig):
         if few_shot_temperature is not None and not (math.isfinite(few_shot_temperature) and few_shot_temperature > 0):
             raise ValueError(f"few_shot_temperature must be a finite number > 0, got {few_shot_temperature!r}.")
         self.few_shot_temperature = None if few_shot_temperature is None else float(few_shot_temperature)
+        self.few_shot_offset = None if few_shot_offset is None else [float(x) for x in few_shot_offset]
         self.few_shot_steps = few_shot_steps
         self.few_shot_lr = few_shot_lr
         # Generation and weight tying read these from the top-level config.

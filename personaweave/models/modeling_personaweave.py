@@ -240,12 +240,12 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         """Where a fit to `lines` starts. Without `config.few_shot_temperature`: `few_shot_init_vector()`.
         With it: the described personas' vectors (those of `exclude` left out) weighted by their cosine
         similarity to the lines' mean sentence embedding (`encoder`, default MiniLM), softmax at that
-        temperature, plus `config.few_shot_init` as an offset when set."""
+        temperature, plus `config.few_shot_offset` when set."""
         if self.config.few_shot_temperature is None:
             return self.few_shot_init_vector()
         keys = self.retrieval_keys(exclude)
-        offset = (torch.zeros(self.config.persona_dim) if self.config.few_shot_init is None
-                  else check_vector(self.config.few_shot_init, self.config.persona_dim, "few_shot_init"))
+        offset = (torch.zeros(self.config.persona_dim) if self.config.few_shot_offset is None
+                  else check_vector(self.config.few_shot_offset, self.config.persona_dim, "few_shot_offset"))
         if keys is None:  # nothing to retrieve from
             return self.few_shot_init_vector()
         query = lines_embedding(lines, encoder)

@@ -269,17 +269,19 @@ def few_shot_mse(head: TraitHead, task: TraitTask, k: int, steps: int, lr: float
 
 @dataclass
 class FewShotStart:
-    """What meta-learning returns: `init` (`config.few_shot_init`: the start, or with a temperature the
-    offset added to the retrieved start) and `temperature` (`config.few_shot_temperature`; None: no
-    retrieval)."""
+    """What meta-learning returns: `vector` (the start, `config.few_shot_init`; with a temperature the
+    offset added to the retrieved start, `config.few_shot_offset`) and `temperature`
+    (`config.few_shot_temperature`; None: no retrieval)."""
 
-    init: torch.Tensor
+    vector: torch.Tensor
     temperature: float | None = None
 
     def apply(self, config) -> None:
         """Make this the model's few-shot start."""
-        config.few_shot_init = self.init.tolist()
-        config.few_shot_temperature = self.temperature
+        if self.temperature is None:
+            config.few_shot_init, config.few_shot_offset, config.few_shot_temperature = self.vector.tolist(), None, None
+        else:
+            config.few_shot_offset, config.few_shot_temperature = self.vector.tolist(), self.temperature
 
 
 class PersonaInit(nn.Module):
