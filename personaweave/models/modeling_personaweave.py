@@ -244,10 +244,10 @@ class PersonaWeavePreTrainedModel(PreTrainedModel):
         if self.config.few_shot_temperature is None:
             return self.few_shot_init_vector()
         keys = self.retrieval_keys(exclude)
-        offset = (torch.zeros(self.config.persona_dim) if self.config.few_shot_offset is None
-                  else check_vector(self.config.few_shot_offset, self.config.persona_dim, "few_shot_offset"))
         if keys is None:  # nothing to retrieve from
             return self.few_shot_init_vector()
+        offset = (torch.zeros(self.config.persona_dim) if self.config.few_shot_offset is None
+                  else check_vector(self.config.few_shot_offset, self.config.persona_dim, "few_shot_offset"))
         query = lines_embedding(lines, encoder)
         check_vector(query, self.config.persona_dim, "the lines' embedding")
         with torch.no_grad():
