@@ -34,7 +34,7 @@ included, join and leave the running batch between decode steps, each with its o
 settings and max_tokens); a failure is confined to its request; a stream always ends (an SSE error
 event, then [DONE]). Blends and per-user adaptive personas live in a fixed pool of `pool_size` bank slots
 (least recently used evicted), so the bank, the tokenizer and the embedding matrix stay bounded;
-personas from a description share that pool (one slot per distinct description and key).
+personas from a description share that pool (one slot per distinct description, across API keys).
 
 Per-user state in the database: persona, turn count, last model spec, the adaptive trait state,
 the A/B assignment and ratings, feedback counts. The adaptive trait states and A/B ratings are
@@ -452,8 +452,9 @@ class PersonaService:
                 self._encoder = default_encoder()
             vector = torch.as_tensor(self._encoder.encode([description])[0], dtype=torch.float32)
             if vector.shape != (self.model.config.persona_dim,) or not torch.isfinite(vector).all():
-                raise HTTPException(400, f"The description's encoding has shape {tuple(vector.shape)}; this model's "
-                                         f"persona layer takes ({self.model.config.persona_dim},).")
+                raise HTTPException(400, f"The description's encoding (shape {tuple(vector.shape)}) is not a finite "
+                                         f"vector of the shape this model's persona layer takes "
+                                         f"({self.model.config.persona_dim},).")
             try:
                 with self.model_lock:
                     slot = self.pool.acquire(key, vector)
