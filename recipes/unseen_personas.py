@@ -64,7 +64,7 @@ class UnseenPersonasArguments:
         "help": "Seeds of the few-shot rows (empty: no few-shot rows); each draws its own example lines."})
     few_shot_k: int = field(default=5, metadata={"help": "Example lines per persona in the few-shot rows."})
     meta_steps: int = field(default=0, metadata={
-        "help": "Meta steps of a few-shot start learned in the run for models without one (config.few_shot_init "
+        "help": "Meta steps of a few-shot start learned in the run for models without a learned start "
                 "(over the trained style personas they hold; 0: none)."})
     meta_method: str = field(default="fomaml", metadata={"help": "fomaml or reptile."})
     meta_tasks_per_step: int = field(default=4, metadata={"help": "Training personas per meta step."})
