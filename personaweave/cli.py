@@ -293,7 +293,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from personaweave.export.onnx import export_onnx
 
     try:
-        out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize)
+        out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize, all_logits=args.all_logits)
     except ValueError as err:  # name the command's option, not the function's argument
         raise ValueError(str(err).replace("pass task=", "pass --task")) from None
     print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a quantized graph beside model.onnx: int8 (the default) = dynamic int8 "
                         "(model_quantized.onnx); w8/w4 = weight-only MatMulNBits, 8/4-bit blocks of 32, head and "
                         "embeddings fp32 (model_w8/w4.onnx)")
+    p.add_argument("--all-logits", action="store_true",
+                   help="PersonaWeave LM: logits for every position (e.g. to score text); by default the graph "
+                        "returns the next token's logits only, which is all generation needs and makes prompts faster")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bake", help="write a plain base-architecture checkpoint (no remote code) with the personas "

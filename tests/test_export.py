@@ -37,10 +37,13 @@ def exported(tmp_path_factory):
 def test_fp32_onnx_matches_pytorch(exported):
     model, tok, root = exported
     ort = ORTModelForCausalLM.from_pretrained(root / "onnx")
+    assert json.loads((root / "onnx" / "config.json").read_text())["personaweave"]["logits"] == "last position"
     for persona in ("robot", "pirate"):
         ids = encode(tok, persona, model=model)
         mask = torch.ones_like(ids)
-        diff = (ort(input_ids=ids, attention_mask=mask).logits - model(ids).logits).abs().max()
+        got = ort(input_ids=ids, attention_mask=mask).logits
+        assert got.shape == (1, 1, model.config.text_config.vocab_size)  # the next token's logits only
+        diff = (got - model(ids).logits[:, -1:]).abs().max()
         assert diff < 1e-3
         torch.testing.assert_close(
             ort.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False),
@@ -59,7 +62,7 @@ def test_int8_graph_sits_beside_and_loads(exported):
     for persona in ("robot", "pirate"):
         ids = encode(tok, persona, model=model)
         with torch.no_grad():
-            want = model(ids).logits[..., :vocab]
+            want = model(ids).logits[:, -1:, :vocab]
         got = ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[..., :vocab]
         # Dynamic int8 rounds each weight to 1/254 of its channel's largest |w| and each activation to
         # 1/255 of its tensor's range: on this 2-layer model the logits move by ~0.5% of their range
@@ -180,5 +183,48 @@ def test_int8_variant_keeps_chosen_nodes_and_gathers_in_fp32(exported, tmp_path)
     assert gathers and all(n.input[0] in floats for n in gathers)  # embedding tables stay fp32
     ort = ORTModelForCausalLM.from_pretrained(folder, file_name=os.path.basename(path))
     ids = encode(tok, "robot", model=model)
-    diff = (ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - model(ids).logits).abs().max()
+    diff = (ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - model(ids).logits[:, -1:]).abs().max()
     assert diff < 0.5  # int8 weights: close, not equal
+
+
+def test_int8_quantizes_weights_only_and_attention_never_repeats_the_cache(exported):
+    """Attention is traced from `grouped_query_attention`: no Expand of the cache per query head (the
+    SDPA export's `repeat_kv`), and int8 leaves the products of two activations (Q.K^T, weights.V) in
+    float32, so the cache is never re-quantized at a step."""
+    import onnx
+
+    model, tok, root = exported
+    for file_name in ("model.onnx", "model_quantized.onnx"):
+        graph = onnx.load(root / "onnx" / file_name).graph
+        attention = [n for n in graph.node if "self_attn" in n.name]
+        assert attention and not [n.name for n in attention if n.op_type == "Expand"], file_name
+        weights = {i.name for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "MatMulInteger":  # B is a quantized weight, never an activation
+                assert node.input[1] in weights, node.name
+    # the same attention in PyTorch: grouped_query_attention == transformers' eager attention (repeat_kv)
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from personaweave.export.onnx import grouped_query_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    allowed = torch.rand(2, 1, 5, 7) > 0.3
+    allowed[..., 0] = True
+    module = type("Attention", (torch.nn.Module,), {})()
+    module.num_key_value_groups, module.training = 3, False
+    want, _ = eager_attention_forward(module, query, key, value, torch.zeros(2, 1, 5, 7).masked_fill(~allowed, -1e9),
+                                      scaling=0.3)
+    for mask in (allowed, torch.zeros(2, 1, 5, 7).masked_fill(~allowed, -1e9)):
+        got, _ = grouped_query_attention(module, query, key, value, mask, scaling=0.3)
+        torch.testing.assert_close(got, want)
+
+
+def test_all_logits_keeps_every_position(exported, tmp_path):
+    model, tok, root = exported
+    export_onnx(str(root / "model"), str(tmp_path / "onnx"), all_logits=True)
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["personaweave"]["logits"] == "all positions"
+    ort = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")
+    ids = encode(tok, "robot", model=model)
+    torch.testing.assert_close(ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits,
+                               rtol=1e-3, atol=1e-3)

@@ -9,6 +9,17 @@ The exported folder's `config.json` is the wrapped LM's own config (e.g. `llama`
 persona bank under a `personaweave` key, so `ORTModelForCausalLM.from_pretrained(folder)` loads
 it without personaweave installed. Optimum infers the exporting library from the model class's
 module, so the model is loaded through its saved remote code (`transformers_modules...`).
+
+Two choices make the decoder graph fast to serve (figures: benchmarks/RESULTS.md, session 8):
+- Attention is traced from `grouped_query_attention`, not SDPA: each key/value head attends for its
+  group of query heads at once and the scale is applied to the queries, so the graph never copies the
+  cache per query head, nor transposes and scales it at every step (ONNX Runtime runs Q.K^T as one
+  FusedMatMul over the cache as it is).
+- The graph returns the next token's logits only (`logits` of shape (batch, 1, vocab), as `generate`
+  and the serving backend use them): a prompt's forward pass skips the output head and the persona-token
+  mask on every other position. `all_logits=True` (`--all-logits`) keeps one row per position.
+Dynamic int8 quantizes the weight MatMuls only: attention's activation x activation products stay in
+float32 (quantizing them re-quantizes the whole cache at each step and costs accuracy).
 """
 
 from __future__ import annotations
@@ -35,6 +46,59 @@ QUANTIZE_FILES = {"int8": INT8_FILE, "w8": "model_w8.onnx", "w4": "model_w4.onnx
 # Never quantized by the weight-only path: the output head (tied to the embeddings in SmolLM2) and the
 # persona layer (a few thousand weights that define every persona). Embedding Gathers are not MatMuls.
 NBITS_KEEP = ("lm_head", "persona_embedding")
+# The attention implementation the decoder graph is traced from (registered with transformers' AttentionInterface).
+EXPORT_ATTENTION = "personaweave_grouped_query"
+
+
+def grouped_query_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                            scaling: Optional[float] = None, dropout: float = 0.0, **_: Any) -> tuple[Any, None]:
+    """Attention with the query heads folded onto their key/value head: query (B, H, q, D) is read as
+    (B, KV, H/KV * q, D), so keys and values (B, KV, k, D) are used as they are (no `repeat_kv`).
+    `attention_mask` is SDPA's (boolean, True = attend) or an additive float mask. Returns
+    (B, q, H, D), as transformers' attention functions do."""
+    import torch
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    scores = torch.matmul((query * scale).reshape(batch, kv_heads, group * q_len, dim), key.transpose(2, 3))
+    scores = scores.view(batch, kv_heads, group, q_len, kv_len)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, None, :, :kv_len]  # (B, 1, 1, q, k): the same for every head
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * q_len, kv_len)
+    out = torch.matmul(probs, value).view(batch, heads, q_len, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _next_token_logits_only(model: Any) -> None:
+    """Trace `model` with `logits_to_keep=1`. Optimum passes `logits_to_keep=0` to any forward that names
+    the argument, so the forward it sees here does not name it."""
+    forward = model.forward
+
+    def next_token_forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                           past_key_values: Any = None, use_cache: Optional[bool] = None, **kwargs: Any) -> Any:
+        kwargs.pop("logits_to_keep", None)
+        return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=1, **kwargs)
+
+    model.forward = next_token_forward
+
+
+def _register_export_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    def sdpa_mask(*args: Any, **kwargs: Any) -> Any:
+        # looked up at call time: Optimum's exporter swaps in a traceable SDPA mask while it exports
+        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+    AttentionInterface.register(EXPORT_ATTENTION, grouped_query_attention)
+    AttentionMaskInterface.register(EXPORT_ATTENTION, sdpa_mask)
 
 
 def _onnx_config_class():
@@ -152,14 +216,15 @@ def default_task(model_dir: str) -> str:
 
 
 def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
-                quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None) -> str:
+                quantize: Optional[str] = None, per_channel: bool = True, opset: Optional[int] = None,
+                all_logits: bool = False) -> str:
     """Export a saved PersonaWeave folder to ONNX (and a quantized graph beside it); returns `output_dir`.
 
     A folder written by `personaweave bake` is a plain base architecture: it goes through Optimum's stock
     export, no custom OnnxConfig. `quantize` is one of `QUANTIZE_FILES` (int8: dynamic; w8/w4: weight-only).
     The export is written to a temp folder and moved into place only when complete.
     """
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import main_export, onnx_export_from_model
 
     task = task or default_task(model_dir)
     if task not in SUPPORTED_TASKS + ENCODER_TASKS:
@@ -186,18 +251,24 @@ def export_onnx(model_dir: str, output_dir: str, task: Optional[str] = None,
             main_export(model_dir, tmp, task=task, opset=opset)  # stock Optimum: a plain architecture
             shutil.copy(os.path.join(model_dir, PERSONA_TOKENS_FILE), tmp)
         else:
-            from transformers import AutoConfig
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
             with tempfile.TemporaryDirectory() as src:
                 # Optimum needs remote code, but never the folder's own *.py (code the user did not opt
                 # into): load with the installed classes and re-save, which writes our sources.
                 fingerprint = _resave_with_installed_code(model_dir, src)
+                model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True).eval()
+                _register_export_attention()
+                model.language_model.config._attn_implementation = EXPORT_ATTENTION
                 onnx_config = _onnx_config_class()(
-                    AutoConfig.from_pretrained(src, trust_remote_code=True), task="text-generation",
+                    model.config, task="text-generation",
                     use_past=task.endswith("with-past"), use_past_in_inputs=task.endswith("with-past"))
-                main_export(src, tmp, task=task, library_name="transformers", trust_remote_code=True,
-                            custom_onnx_configs={"model": onnx_config}, opset=opset)
-            _write_plain_config(tmp, config, fingerprint)
+                if not all_logits:
+                    _next_token_logits_only(model)
+                onnx_export_from_model(model, tmp, task=task, custom_onnx_configs={"model": onnx_config},
+                                       opset=opset)
+                AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+            _write_plain_config(tmp, config, fingerprint, all_logits=all_logits)
         if quantize == "int8":
             quantize_onnx_int8(tmp, per_channel=per_channel)
         elif quantize in ("w8", "w4"):
@@ -224,7 +295,7 @@ def _resave_with_installed_code(model_dir: str, out: str) -> dict[str, list[floa
 
 
 def _write_plain_config(folder: str, config: dict[str, Any],
-                        fingerprint: Optional[dict[str, list[float]]] = None) -> None:
+                        fingerprint: Optional[dict[str, list[float]]] = None, all_logits: bool = True) -> None:
     """config.json = the wrapped LM's config (what ORTModelForCausalLM understands) + the bank (and its
     soft vectors' fingerprint, which the ONNX serving backend checks against the served model)."""
     text = dict(config["text_config"])
@@ -232,6 +303,7 @@ def _write_plain_config(folder: str, config: dict[str, Any],
     text["personaweave"] = {k: config[k] for k in ("persona_dim", "num_persona_tokens", "personas")}
     if fingerprint is not None:
         text["personaweave"]["soft_vector_fingerprint"] = fingerprint
+    text["personaweave"]["logits"] = "all positions" if all_logits else "last position"
     for stale in ("configuration_personaweave.py", "modeling_personaweave.py", "personas.py"):
         if os.path.exists(os.path.join(folder, stale)):
             os.remove(os.path.join(folder, stale))
@@ -245,17 +317,20 @@ def quantize_onnx_int8(onnx_dir: str, per_channel: bool = True, suffix: str = "q
 
     `operators_to_quantize` (default: every op type ORT's dynamic quantizer handles) and
     `keep_fp32` (substrings of node names left in fp32, e.g. "rotary_emb") select what is quantized.
+    A MatMul of two activations (attention's Q.K^T and weights.V, the rotary angles) is never
+    quantized, as `onnxruntime.quantization.quantize_dynamic` does by default (`MatMulConstBOnly`).
     """
+    import onnx
     from optimum.onnxruntime import ORTQuantizer
 
     options: dict[str, Any] = {}
     if operators_to_quantize:
         options["operators_to_quantize"] = list(operators_to_quantize)
-    if keep_fp32:
-        import onnx
-
-        graph = onnx.load(os.path.join(onnx_dir, ONNX_FILE), load_external_data=False).graph
-        kept = [n for n in graph.node if any(k in n.name for k in keep_fp32)]
+    graph = onnx.load(os.path.join(onnx_dir, ONNX_FILE), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    kept = [n for n in graph.node if any(k in n.name for k in keep_fp32)
+            or (n.op_type == "MatMul" and n.input[1] not in constants)]
+    if kept:
         # ORT rewrites a Gemm as "<name>_MatMul" + Add before quantizing: exclude both names
         options["nodes_to_exclude"] = [n.name for n in kept] + [f"{n.name}_MatMul" for n in kept if n.op_type == "Gemm"]
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name=ONNX_FILE)
