@@ -427,7 +427,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              experiment=experiment, experiment_name=args.ab_name, pool_size=args.pool_size,
                              max_queue=args.max_queue, max_streams=args.max_streams,
                              request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens,
-                             decoder=decoder)
+                             decoder=decoder, prefix_cache_tokens=args.prefix_cache_tokens)
     _say_when_listening(args.host, args.port, model.config.persona_names + (["auto"] if adapter else [])
                         + (["ab"] if experiment else []))
     uvicorn.run(create_app(service, api_keys=keys), host=args.host, port=args.port, log_level="warning",
@@ -612,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; 503 beyond")
     p.add_argument("--max-streams", type=int, default=8, help="concurrent streaming requests; 503 beyond")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 504")
+    p.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                   help="tokens of finished turns whose cache a user's next turn reuses, so only its new "
+                        "tokens are prefilled (LRU, per user; 0: off; ~46 KB per token on SmolLM2-135M)")
     p.add_argument("--max-prompt-tokens", type=int,
                    help="prompt + max_tokens limit (default: the model's context window)")
     p.set_defaults(func=cmd_serve)

@@ -197,3 +197,42 @@ def test_serve_dtype_and_max_batch_options(monkeypatch, tmp_path):
                      "--max-batch", "3"]) == 0
     service = calls[-1].state.service
     assert model.dtype == torch.bfloat16 and service.batcher.max_batch == 3
+
+
+def test_a_next_turn_reuses_its_own_kept_prefix_and_still_gets_generates_tokens(model_and_prompts):
+    """A chat's next turn starts with the last turn's sequence (prompt + reply): it is prefilled from the kept
+    cache rows (only its new tokens run), and its greedy tokens are still exactly `generate`'s. Another
+    scope never uses those rows; `forget_prefix` drops them; the cache stays within its token budget."""
+    model, tok, prompts = model_and_prompts
+    batcher = ContinuousBatcher(model, max_batch=4, prefix_cache_tokens=400)
+
+    def turn(prompt, scope, max_new_tokens=8):
+        return asyncio.run(batcher.submit(Generation(prompt=prompt, max_new_tokens=max_new_tokens, prefix_scope=scope,
+                                                     repetition_penalty=1.2)))
+
+    first = turn(prompts[0], "alice")
+    assert batcher.prefix_cache.hits == 0 and len(batcher.prefix_cache) == 1
+    follow = list(prompts[0]) + first.tokens + list(prompts[3])  # the next turn: all of the first, then more
+    for scope, hits in (("bob", 0), ("alice", 1)):  # bob's identical prompt gets nothing from alice's rows
+        second = turn(follow, scope)
+        assert batcher.prefix_cache.hits == hits
+        assert second.tokens == reference(model, follow, 8, batcher.eos, repetition_penalty=1.2), scope
+    # all of the first turn but a last token that ended it by length (its cache row is never computed)
+    assert batcher.prefix_cache.reused_tokens == len(prompts[0]) + len(first.tokens) - (first.finish_reason == "length")
+    # two at once, each from its own kept prefix, sharing the decode steps
+    third = [list(follow) + second.tokens + list(prompts[i]) for i in (1, 2)]
+
+    async def both():
+        return await asyncio.gather(*[batcher.submit(Generation(prompt=p, max_new_tokens=6, prefix_scope="alice"))
+                                      for p in third])
+
+    for prompt, gen in zip(third, asyncio.run(both())):
+        assert gen.tokens == reference(model, prompt, 6, batcher.eos)
+    assert batcher.prefix_cache.hits == 3
+    assert batcher.prefix_cache.tokens <= 400
+    batcher.forget_prefix("alice")
+    turn(follow, "alice")
+    assert batcher.prefix_cache.hits == 3  # forgotten: prefilled in full
+    for i in range(12):  # many scopes: the least recently used go, the budget holds
+        turn(prompts[i % len(prompts)], f"user-{i}", max_new_tokens=4)
+    assert 0 < batcher.prefix_cache.tokens <= 400

@@ -62,6 +62,24 @@ def test_onnx_decoder_under_the_batcher_gives_generates_greedy_tokens(exported):
     assert batcher.failures == 0 and max(batcher.batch_sizes) == 3
 
 
+def test_onnx_decoder_continues_from_a_kept_prefix(exported):
+    """The prefix cache hands the graph a filled transformers cache as its past: a chat's next turn,
+    prefilled from the last turn's kept rows, gets `generate`'s greedy tokens."""
+    model, tok, root, prompts = exported
+    batcher = ContinuousBatcher(OnnxDecoder(str(root / "onnx"), "model.onnx"), max_batch=3, prefix_cache_tokens=256)
+    first = asyncio.run(batcher.submit(Generation(prompt=prompts[0], max_new_tokens=6, prefix_scope="u")))
+    follow = list(prompts[0]) + first.tokens + list(prompts[3])
+    second = asyncio.run(batcher.submit(Generation(prompt=follow, max_new_tokens=8, prefix_scope="u")))
+    assert batcher.prefix_cache.hits == 1
+    ids = torch.tensor([follow])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(follow):].tolist()
+    eos = model.generation_config.eos_token_id
+    stops = set([eos] if isinstance(eos, int) else eos)
+    assert second.tokens == out[:next((k for k, t in enumerate(out) if t in stops), len(out))]
+
+
 def test_graph_must_come_from_the_served_model(exported, tmp_path):
     model, tok, root, _ = exported
     assert check_graph_matches(model, str(root / "onnx")) == list(model.config.persona_names)

@@ -281,6 +281,23 @@ def test_different_blends_never_share_a_name(service):
 
 # -- 4. durability and smaller defects -------------------------------------------------------------
 
+def test_the_prefix_cache_serves_only_the_same_user_of_the_same_key_and_forgets_with_them(service):
+    """A user's next turn reuses their own last turn's cache rows; the same user id under another key (another
+    tenant), with the very same messages, gets nothing from them (no timing side channel); DELETE drops them."""
+    client = client_for(service, api_keys=[KEY_A, KEY_B])
+    cache = service.batcher.prefix_cache
+    for _ in range(2):
+        assert client.post("/v1/chat/completions", json=body(user="alice"), headers=auth(KEY_A)).status_code == 200
+    hits, entries = cache.hits, len(cache)
+    assert hits == 1 and entries >= 1
+    assert client.post("/v1/chat/completions", json=body(user="alice"), headers=auth(KEY_B)).status_code == 200
+    assert cache.hits == hits and len(cache) == entries + 1
+    assert client.delete("/v1/users/alice", headers=auth(KEY_A)).status_code == 200
+    assert len(cache) == 1  # key B's alice only
+    assert client.post("/v1/chat/completions", json=body(user="alice"), headers=auth(KEY_B)).status_code == 200
+    assert cache.hits == hits + 1
+
+
 def test_user_ids_with_a_slash_can_be_read_and_deleted(service):
     client = client_for(service, api_keys=[KEY_A])
     assert client.post("/v1/chat/completions", json=body(user="team/alice"), headers=auth(KEY_A)).status_code == 200

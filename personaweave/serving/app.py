@@ -311,11 +311,13 @@ class PersonaService:
                  history_turns: int = 6,
                  experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
                  pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
-                 max_prompt_tokens: Optional[int] = None, decoder: Any = None, encoder: Any = None) -> None:
+                 max_prompt_tokens: Optional[int] = None, decoder: Any = None, encoder: Any = None,
+                 prefix_cache_tokens: int = 4096) -> None:
         """`decoder`: what runs the forward passes instead of `model` (e.g. `onnx_backend.OnnxDecoder`); it
         holds a fixed bank, so blends, descriptions and `auto` are then refused. `encoder`: what encodes a
         `description:` persona (anything with `.encode(list[str])`; default: the shipped MiniLM, loaded on
-        first use)."""
+        first use). `prefix_cache_tokens`: the batcher's prefix cache (0: off), used by a user's next turn
+        with a bank persona (not pool slots, whose tokens change meaning when a slot is reused)."""
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.dynamic_personas = decoder is None
         if decoder is not None and adapter is not None:
@@ -327,7 +329,8 @@ class PersonaService:
         self.model_lock = FairLock()  # bank edits and decode steps do not interleave; edits wait one step at most
         # requests join and leave the running batch between decode steps (without batching: one at a time)
         self.batcher = ContinuousBatcher(decoder or model, self.model_lock, max_batch if batching else 1, max_queue,
-                                         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id)
+                                         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+                                         prefix_cache_tokens=prefix_cache_tokens)
         self.max_streams, self.request_timeout = max_streams, request_timeout
         self.metrics = Metrics()
         self.experiment = None
@@ -363,6 +366,7 @@ class PersonaService:
             self.pool.forget("user:" + user)
             if self.adapter is not None:
                 self.adapter.forget(user)
+        self.batcher.forget_prefix(user)
         if self.experiment is not None:
             self.experiment.forget(user)
 
@@ -486,12 +490,16 @@ class PersonaService:
                                     **self.generation_kwargs(temperature, top_p)).texts
 
     def request(self, prompt: list[int], max_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                top_p: Optional[float] = None) -> Generation:
+                top_p: Optional[float] = None, user: Optional[str] = None, bank_name: Optional[str] = None
+                ) -> Generation:
         """A request for the batcher with the service's settings: greedy unless a temperature > 0 is asked
-        for, and the repetition penalty either way (as `generation_kwargs`)."""
+        for, and the repetition penalty either way (as `generation_kwargs`). A stored user speaking with a
+        bank persona (`bank_name`, not a pool slot) may reuse the prefix cache of their own earlier turns."""
+        scope = user if user and bank_name is not None and not self.pool.is_slot(bank_name) else None
         return Generation(prompt=prompt, max_new_tokens=max_tokens or self.max_new_tokens,
                           temperature=temperature or 0.0, top_p=(top_p or DEFAULT_TOP_P) if temperature else 1.0,
-                          top_k=self.model.generation_config.top_k or 0, repetition_penalty=REPETITION_PENALTY)
+                          top_k=self.model.generation_config.top_k or 0, repetition_penalty=REPETITION_PENALTY,
+                          prefix_scope=scope)
 
     def encode_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
         """The prompt's token ids after the chat template (with a private tokenizer: the model's may be
@@ -583,8 +591,14 @@ class PersonaService:
                   "# TYPE personaweave_batch_failures_total counter",
                   f"personaweave_batch_failures_total {self.batcher.failures}",
                   "# TYPE personaweave_running_requests gauge", f"personaweave_running_requests {self.batcher.running}",
-                  "# TYPE personaweave_decode_steps_total counter", f"personaweave_decode_steps_total {self.batcher.steps}",
-                  "# TYPE personaweave_request_seconds histogram"]
+                  "# TYPE personaweave_decode_steps_total counter", f"personaweave_decode_steps_total {self.batcher.steps}"]
+        cache = self.batcher.prefix_cache
+        if cache is not None:
+            lines += ["# TYPE personaweave_prefix_cache_hits_total counter", f"personaweave_prefix_cache_hits_total {cache.hits}",
+                      "# TYPE personaweave_prefix_cache_reused_tokens_total counter",
+                      f"personaweave_prefix_cache_reused_tokens_total {cache.reused_tokens}",
+                      "# TYPE personaweave_prefix_cache_tokens gauge", f"personaweave_prefix_cache_tokens {cache.tokens}"]
+        lines += ["# TYPE personaweave_request_seconds histogram"]
         total = 0
         for bound, count in zip(LATENCY_BUCKETS + (math.inf,), m.latency):
             total += count
@@ -796,7 +810,7 @@ async def _complete(service: PersonaService, request: ChatRequest, user: Optiona
         try:
             _, message, prompt = await asyncio.to_thread(service.conversation, bank_name, request, user)
             # a timeout (504) cancels this coroutine: the batcher then drops the request at its next step
-            gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p)
+            gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p, user, bank_name)
             try:
                 await service.batcher.submit(gen)
             except QueueFull as err:
@@ -815,7 +829,7 @@ def _sse(payload: Mapping[str, Any]) -> str:
 
 
 async def _stream(service: PersonaService, request: ChatRequest, user: Optional[str], anonymous: str = "anonymous"):
-    """Server-sent events in OpenAI's chunk format, from a TextIteratorStreamer (not batched).
+    """Server-sent events in OpenAI's chunk format, decoded in the continuous batch.
     Always ends: an error becomes an SSE `error` event, then [DONE]."""
     service.metrics.active_streams += 1
     try:
@@ -825,7 +839,7 @@ async def _stream(service: PersonaService, request: ChatRequest, user: Optional[
                 persona, bank_name, slot = await asyncio.to_thread(service.acquire, request.model, user,
                                                                    request.messages[-1].content, anonymous)
                 _, message, prompt = await asyncio.to_thread(service.conversation, bank_name, request, user)
-                async for event in _stream_events(service, persona, request, prompt, message, user):
+                async for event in _stream_events(service, persona, request, prompt, message, user, bank_name):
                     yield event
             except HTTPException as err:
                 yield _sse({"error": {"message": str(err.detail), "type": "invalid_request_error", "param": None,
@@ -838,10 +852,10 @@ async def _stream(service: PersonaService, request: ChatRequest, user: Optional[
 
 
 async def _stream_events(service: PersonaService, persona: str, request: ChatRequest, prompt: list[int],
-                         message: str, user: Optional[str]):
+                         message: str, user: Optional[str], bank_name: Optional[str] = None):
     """The reply's text as it is decoded: the request runs in the continuous batch like any other, and
     each step's token comes out here (text only once it is whole: no half UTF-8 character)."""
-    gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p)
+    gen = service.request(prompt, request.max_tokens, request.temperature, request.top_p, user, bank_name)
     chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     tokens = service.batcher.stream(gen)
     sent, failure = "", None

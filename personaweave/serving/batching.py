@@ -14,6 +14,13 @@ Greedy decoding gives the tokens `model.generate` gives for the same prompt alon
 same logits processors, in the same order, on float32 logits; padding is masked out of attention
 (and positions count real tokens only), so it changes the numbers at rounding level at most.
 
+Prefix cache (`prefix_cache_tokens` > 0): when a request that names a `prefix_scope` (the service: the
+user and persona) finishes, its sequence's cache rows are kept, up to that many tokens in all (least
+recently used first out). A later request of the same scope whose prompt starts with a kept sequence (a
+chat's next turn: the same system prompt, history and the last reply) is prefilled from there, alone:
+only its new tokens go through the model. Scopes never share entries, so one user's conversation cannot
+speed up, and thus reveal itself to, another's; `forget_prefix(scope)` drops a scope's entries.
+
 Failure isolation: choosing a request's token is done row by row, so a failure there (e.g. NaN
 probabilities) fails that request only; a failed group prefill is retried request by request, so
 it fails only the request that fails alone; when a batched
@@ -78,17 +85,75 @@ class Generation:
     top_p: float = 1.0
     top_k: int = 50  # as `generate` samples by default (GenerationConfig.top_k)
     repetition_penalty: float = 1.0
+    prefix_scope: Optional[str] = None  # whose kept prefixes this request may reuse (None: no prefix cache)
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None  # "stop" (end of turn), "length", "error" or "cancelled"
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _loop: Any = field(default=None, repr=False)
     _events: Any = field(default=None, repr=False)
+    _prefix: Any = field(default=None, repr=False)  # (length, [(keys, values) per layer]) found at admission
 
     def _send(self, kind: str, value: Any = None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
         except RuntimeError:  # the caller's event loop is closed: nobody waits for this request
             self.cancelled.set()
+
+
+class PrefixCache:
+    """Finished sequences' cache rows by scope, at most `max_tokens` tokens in all (LRU)."""
+
+    def __init__(self, max_tokens: int, min_prefix: int = 8) -> None:
+        self.max_tokens, self.min_prefix = max_tokens, min_prefix
+        self._entries: collections.OrderedDict[int, tuple[str, list[int], list]] = collections.OrderedDict()
+        self._next = self.tokens = self.hits = self.reused_tokens = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, scope: str, sequence: Sequence[int]) -> Optional[tuple[int, list]]:
+        """(length, layers) of the scope's longest kept prefix of `sequence`, leaving at least its last
+        token to feed; None below `min_prefix` tokens."""
+        best, best_key = 0, None
+        with self._lock:
+            for key, (owner, tokens, _) in self._entries.items():
+                if owner != scope:
+                    continue
+                limit, n = min(len(tokens), len(sequence) - 1), 0
+                while n < limit and tokens[n] == sequence[n]:
+                    n += 1
+                if n > best:
+                    best, best_key = n, key
+            if best_key is None or best < self.min_prefix:
+                return None
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            self.reused_tokens += best
+            layers = self._entries[best_key][2]
+        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
+
+    def add(self, scope: str, tokens: list[int], layers: list) -> None:
+        if len(tokens) < self.min_prefix or len(tokens) > self.max_tokens:
+            return
+        with self._lock:
+            for key, (owner, kept, _) in list(self._entries.items()):  # what the new sequence extends goes
+                if owner == scope and len(kept) <= len(tokens) and tokens[:len(kept)] == kept:
+                    self._drop(key)
+            self._entries[self._next] = (scope, tokens, layers)
+            self._next += 1
+            self.tokens += len(tokens)
+            while self.tokens > self.max_tokens:
+                self._drop(next(iter(self._entries)))
+
+    def forget(self, scope: str) -> None:
+        with self._lock:
+            for key in [k for k, (owner, _, _) in self._entries.items() if owner == scope]:
+                self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        _, tokens, _ = self._entries.pop(key)
+        self.tokens -= len(tokens)
 
 
 class ContinuousBatcher:
@@ -98,17 +163,19 @@ class ContinuousBatcher:
     At most `max_batch` requests decode together and at most `max_queue` wait (QueueFull beyond);
     new requests are prefilled between steps, up to `prefill_tokens` prompt tokens at a time (at
     least one request), so a burst of long prompts does not stall the running batch for long.
+    `prefix_cache_tokens`: the prefix cache's size in tokens (0: none; see the module docstring).
     """
 
     def __init__(self, model: Any, lock: Any = None, max_batch: int = 16, max_queue: int = 64,
                  eos_token_id: Optional[int | Sequence[int]] = None, prefill_tokens: int = 2048,
-                 idle_seconds: float = 30.0) -> None:
+                 idle_seconds: float = 30.0, prefix_cache_tokens: int = 0) -> None:
         self.model, self.lock = model, lock if lock is not None else FairLock()
         self.max_batch, self.max_queue, self.prefill_tokens = max(1, max_batch), max_queue, prefill_tokens
         if eos_token_id is None:
             eos_token_id = model.generation_config.eos_token_id
         self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         self.idle_seconds = idle_seconds
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # running rows per step
         self.failures = self.steps = 0
         self._waiting: collections.deque[Generation] = collections.deque()
@@ -148,6 +215,11 @@ class ContinuousBatcher:
         finally:  # the caller left (timeout, closed stream): the worker drops the request at its next step
             if gen.finish_reason is None:
                 gen.cancelled.set()
+
+    def forget_prefix(self, scope: str) -> None:
+        """Drop the prefix cache's entries of `scope` (e.g. a deleted user's)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(scope)
 
     async def submit(self, gen: Generation) -> Generation:
         async for _ in self.stream(gen):
@@ -200,6 +272,12 @@ class ContinuousBatcher:
         longest), so little of a group's forward pass is spent on padding."""
         size = lambda g: len(g.prompt) + len(g.tokens)  # noqa: E731
         groups: list[list[Generation]] = []
+        if self.prefix_cache is not None:
+            for gen in admitted:
+                if gen.prefix_scope is not None:
+                    gen._prefix = self.prefix_cache.lookup(gen.prefix_scope, list(gen.prompt) + gen.tokens)
+            groups = [[gen] for gen in admitted if gen._prefix is not None]  # each from its own past
+            admitted = [gen for gen in admitted if gen._prefix is None]
         for gen in sorted(admitted, key=size, reverse=True):
             if groups and 4 * size(gen) >= 3 * size(groups[-1][0]):
                 groups[-1].append(gen)
@@ -216,15 +294,21 @@ class ContinuousBatcher:
         device = self.model.device
         rows = [list(gen.prompt) + gen.tokens for gen in group]
         width = max(map(len, rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
+        past, kept = DynamicCache(), 0
+        if len(group) == 1 and group[0]._prefix is not None:  # from a kept prefix: its new tokens only
+            kept, layers = group[0]._prefix
+            group[0]._prefix = None
+            for i, (keys, values) in enumerate(layers):
+                past.update(keys.to(device), values.to(device), i)
+        ids = torch.zeros(len(rows), width - kept, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, device=device)
+            ids[i, width - len(row):] = torch.tensor(row[kept:], device=device)
             mask[i, width - len(row):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded prompts
+        positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, kept:]  # as `generate` numbers left-padded prompts
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache_position=torch.arange(width, device=device), past_key_values=DynamicCache(),
+                             cache_position=torch.arange(kept, width, device=device), past_key_values=past,
                              use_cache=True, logits_to_keep=1)
         except Exception as err:  # noqa: BLE001
             if len(group) == 1:
@@ -276,13 +360,23 @@ class ContinuousBatcher:
             except Exception as err:  # noqa: BLE001  (this request alone)
                 self._fail(gen, err)
                 continue
-            if not self._advance(gen, token):
+            if not self._advance(gen, token, row=i):
                 keep.append(i)
                 tokens.append(token)
         if len(keep) < len(rows):
             self._select(keep)
         if self._rows:
             self._last = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+
+    def _remember(self, row: int, gen: Generation) -> None:
+        """Keep a finished row's sequence and cache rows in the prefix cache (padding columns left out)."""
+        if self.prefix_cache is None or gen.prefix_scope is None:
+            return
+        length = int(self._mask[row].sum())  # the row's cached tokens: the last `length` columns
+        tokens = (list(gen.prompt) + gen.tokens)[:length]
+        layers = [(layer.keys[row:row + 1, :, -length:].clone(), layer.values[row:row + 1, :, -length:].clone())
+                  for layer in self._cache.layers]
+        self.prefix_cache.add(gen.prefix_scope, tokens, layers)
 
     def _choose(self, gen: Generation, logits) -> int:
         """The next token from (1, V) logits with the request's settings: `generate`'s processors, in
@@ -308,16 +402,21 @@ class ContinuousBatcher:
             scores = TopPLogitsWarper(gen.top_p)(ids, scores)
         return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
 
-    def _advance(self, gen: Generation, token: int) -> bool:
-        """Record `token`; True when the request is finished (it has then left, or never joins, the batch)."""
+    def _advance(self, gen: Generation, token: int, row: Optional[int] = None) -> bool:
+        """Record `token`; True when the request is finished (it has then left, or never joins, the batch).
+        A finished running `row` goes to the prefix cache before its caller hears that it is done."""
         if gen.cancelled.is_set():
             gen.finish_reason = "cancelled"
             return True
         if token in self.eos:
+            if row is not None:
+                self._remember(row, gen)
             return self._finish(gen, "stop")
         gen.tokens.append(token)
         gen._send("token", token)
         if len(gen.tokens) >= gen.max_new_tokens:
+            if row is not None:
+                self._remember(row, gen)
             return self._finish(gen, "length")
         return False
 
@@ -339,12 +438,14 @@ class ContinuousBatcher:
 
         device = mask.device
         index = torch.tensor(keep, dtype=torch.long, device=device)
+        every_row = len(keep) == mask.shape[0]
         mask = mask.index_select(0, index)
         start = int(mask.any(dim=0).long().argmax())  # columns that only the dropped rows used
         mask = mask[:, start:]
-        for layer in cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        if start or not every_row:  # copy only when rows or columns go
+            for layer in cache.layers:
+                layer.keys = layer.keys[:, :, start:].index_select(0, index)
+                layer.values = layer.values[:, :, start:].index_select(0, index)
         last = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         positions = torch.tensor(lengths, dtype=torch.long, device=device)
         if not self._rows:
@@ -352,9 +453,14 @@ class ContinuousBatcher:
             return
         width = max(self._mask.shape[1], mask.shape[1])
         pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
-        for old, new in zip(self._cache.layers, cache.layers):  # (B, heads, T, head_dim)
-            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+        rows = self._mask.shape[0]
+        for old, new in zip(self._cache.layers, cache.layers):  # (B, heads, T, head_dim): one copy each
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)
+                merged = a.new_zeros(rows + b.shape[0], a.shape[1], width, a.shape[3])
+                merged[:rows, :, pad_old:] = a
+                merged[rows:, :, pad_new:] = b
+                setattr(old, name, merged)
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
         self._last = torch.cat([self._last, last])
         self._positions = torch.cat([self._positions, positions])
@@ -371,9 +477,9 @@ class ContinuousBatcher:
         mask = self._mask.index_select(0, index)
         start = int(mask.any(dim=0).long().argmax())  # first column some row uses
         self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        for layer in self._cache.layers:  # one contiguous copy of the rows and columns kept
+            layer.keys = layer.keys[:, :, start:].index_select(0, index)
+            layer.values = layer.values[:, :, start:].index_select(0, index)
         self._positions = self._positions.index_select(0, index)
         self._last = self._last.index_select(0, index)
         self._rows = [self._rows[i] for i in keep]

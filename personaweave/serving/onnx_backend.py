@@ -2,7 +2,8 @@
 
 `ContinuousBatcher` drives a model through one interface: `model(input_ids, attention_mask,
 position_ids, past_key_values, ...)` returning `.logits` and a cache whose `.layers[i].keys/.values`
-it selects, pads and concatenates between steps. `OnnxDecoder` offers that interface on a graph
+it selects, pads and concatenates between steps (the past it passes is a transformers `DynamicCache`,
+empty or filled from the prefix cache, or the cache an earlier call returned). `OnnxDecoder` offers that interface on a graph
 written by `personaweave export onnx` (Optimum's decoder-with-past layout: `past_key_values.{i}.key`
 in, `present.{i}.key` out, persona tokens embedded inside the graph), so continuous batching, per-request
 sampling and every check of the service stay as they are; only the forward pass moves to ONNX Runtime.
@@ -77,9 +78,9 @@ class OnnxDecoder:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  past_key_values: Any = None, logits_to_keep: int = 0, **_: Any) -> DecoderOutput:
         batch = input_ids.shape[0]
-        layers = list(getattr(past_key_values, "layers", None) or [])
-        if layers and not isinstance(layers[0], KVLayer):
-            layers = []  # a fresh transformers cache (prefill): no past
+        # a KVCache of ours, or a transformers cache (empty for a prefill, filled for one from a kept prefix)
+        layers = [layer for layer in getattr(past_key_values, "layers", None) or []
+                  if getattr(layer, "keys", None) is not None]
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "attention_mask": attention_mask.numpy().astype(np.int64),
                  "position_ids": position_ids.numpy().astype(np.int64)}
