@@ -230,6 +230,9 @@ class ContinuousBatcher:
     def _reset(self) -> None:
         self._rows: list[Generation] = []
         self._cache = self._mask = self._last = self._positions = None
+        # (cache rows, first column) the running rows still need from `_cache`: rows that left are dropped
+        # lazily, by the next join's copy (which happens anyway) or before the next step
+        self._pending: Optional[tuple[Any, int]] = None
 
     def _run(self) -> None:
         import torch
@@ -335,6 +338,7 @@ class ContinuousBatcher:
         import torch
 
         rows, device = self._rows, self.model.device
+        self._compact()
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         try:
             out = self.model(input_ids=self._last, attention_mask=mask, position_ids=self._positions[:, None],
@@ -454,20 +458,28 @@ class ContinuousBatcher:
         width = max(self._mask.shape[1], mask.shape[1])
         pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
         rows = self._mask.shape[0]
+        kept, first = self._pending if self._pending is not None else (None, 0)
+        kept = kept.tolist() if kept is not None else None
         for old, new in zip(self._cache.layers, cache.layers):  # (B, heads, T, head_dim): one copy each
             for name in ("keys", "values"):
                 a, b = getattr(old, name), getattr(new, name)
                 merged = a.new_zeros(rows + b.shape[0], a.shape[1], width, a.shape[3])
-                merged[:rows, :, pad_old:] = a
+                if kept is None:
+                    merged[:rows, :, pad_old:] = a
+                else:  # the running rows still to select: copied straight into place
+                    for i, row in enumerate(kept):
+                        merged[i, :, pad_old:] = a[row, :, first:]
                 merged[rows:, :, pad_new:] = b
                 setattr(old, name, merged)
+        self._pending = None
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
         self._last = torch.cat([self._last, last])
         self._positions = torch.cat([self._positions, positions])
         self._rows.extend(gens)
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only these rows; drop the leading columns that are padding in every remaining row."""
+        """Keep only these rows; drop the leading columns that are padding in every remaining row (in the
+        cache: pending until `_compact` or the next join)."""
         import torch
 
         if not keep:
@@ -477,12 +489,23 @@ class ContinuousBatcher:
         mask = self._mask.index_select(0, index)
         start = int(mask.any(dim=0).long().argmax())  # first column some row uses
         self._mask = mask[:, start:]
-        for layer in self._cache.layers:  # one contiguous copy of the rows and columns kept
-            layer.keys = layer.keys[:, :, start:].index_select(0, index)
-            layer.values = layer.values[:, :, start:].index_select(0, index)
+        if self._pending is None:  # the cache itself is selected later (`_compact`, or the next join's copy)
+            self._pending = (index, start)
+        else:
+            self._pending = (self._pending[0].index_select(0, index), self._pending[1] + start)
         self._positions = self._positions.index_select(0, index)
         self._last = self._last.index_select(0, index)
         self._rows = [self._rows[i] for i in keep]
+
+    def _compact(self) -> None:
+        """Apply the pending row and column selection to the cache (one contiguous copy)."""
+        if self._pending is None:
+            return
+        index, start = self._pending
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[:, :, start:].index_select(0, index)
+            layer.values = layer.values[:, :, start:].index_select(0, index)
+        self._pending = None
 
     def _drop_cancelled(self) -> None:
         keep = []
