@@ -236,3 +236,6 @@ def test_a_next_turn_reuses_its_own_kept_prefix_and_still_gets_generates_tokens(
     for i in range(12):  # many scopes: the least recently used go, the budget holds
         turn(prompts[i % len(prompts)], f"user-{i}", max_new_tokens=4)
     assert 0 < batcher.prefix_cache.tokens <= 400
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        ContinuousBatcher(model, prefix_cache_tokens=-1)
+    assert ContinuousBatcher(model, prefix_cache_tokens=0).prefix_cache is None

@@ -175,6 +175,9 @@ class ContinuousBatcher:
             eos_token_id = model.generation_config.eos_token_id
         self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         self.idle_seconds = idle_seconds
+        if not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be a whole number >= 0 (0: no prefix cache), not "
+                             f"{prefix_cache_tokens!r}.")
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # running rows per step
         self.failures = self.steps = 0
