@@ -58,8 +58,8 @@ class OnnxDecoder:
             raise FileNotFoundError(f"No ONNX graph at {path}; write one with `personaweave export onnx`.")
         options = ort.SessionOptions()
         # ONNX Runtime's workers spin between runs by default; in the server they would take the cores that
-        # tokenization, memory search and the batcher's cache bookkeeping need between steps (measured: +5%
-        # completion tokens/s under load, benchmarks/RESULTS.md session 8)
+        # tokenization, memory search and the batcher's cache bookkeeping need between steps (a few percent
+        # under load in single runs, within run-to-run spread: benchmarks/RESULTS.md, session 8)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
