@@ -8,12 +8,21 @@ reward (`personaweave.training.rewards`) behind TRL's reward-model interface (`C
 SmolLM2 pads with its EOS token (<|im_end|>), which also closes every chat turn; TRL masks pad
 tokens out of the query-response, so the recipe pads with <|endoftext|> instead.
 
+`per_persona_adapters: true` runs PPO on each persona's own LoRA sub-personality instead (e.g. the
+DPO-trained ones of the shipped checkpoint): that LoRA merged into the master is where PPO starts and
+its reference, the prompts are that persona's only, and the new PPO LoRA is then concatenated with the
+persona's LoRA (peft `add_weighted_adapter`, combination "cat": the sum of both updates, exactly) into
+the persona's new sub-personality. The output folder is then a PersonaWeave folder like DPO's
+(`final/` = master + adapters), and finished personas are skipped when the run is started again.
+
 Usage:
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/ppo.py --config recipes/configs/ppo.yaml
+    accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/ppo.py --config recipes/configs/ppo_v2_lora.yaml
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +32,7 @@ from typing import Optional
 from trl import TrlParser
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-from personaweave import PersonaWeaveForCausalLM, chat
+from personaweave import chat
 from personaweave.data import load_persona_dialogues
 from personaweave.sub_personalities import lora_config
 from personaweave.training.rewards import (
@@ -39,7 +48,8 @@ from personaweave.training.rewards import (
 
 @dataclass
 class PPOScriptArguments:
-    model: str = field(default="outputs/sft_persona/final", metadata={"help": "Trained master folder."})
+    model: Optional[str] = field(default="outputs/sft_persona/final", metadata={
+        "help": "Trained master folder; null: the shipped checkpoint."})
     classifier: str = field(default="outputs/persona_classifier", metadata={"help": "Persona classifier folder."})
     reward_weights: dict = field(default_factory=lambda: dict(DEFAULT_WEIGHTS), metadata={
         "help": "Reward component weights (default: the library's DEFAULT_WEIGHTS); saved to the run folder, "
@@ -54,6 +64,12 @@ class PPOScriptArguments:
     reward_model: Optional[str] = field(default=None, metadata={
         "help": "Trained persona reward model folder (recipes/reward_model.py): enables the `persona_reward` "
                 "component (give it a weight in reward_weights)."})
+    per_persona_adapters: bool = field(default=False, metadata={
+        "help": "PPO on each persona's own LoRA sub-personality of `model` (merged in: the start and the "
+                "reference), on that persona's prompts; the result is concatenated with that LoRA into the "
+                "persona's new sub-personality under output_dir/final. Resumable per persona."})
+    personas: Optional[list[str]] = field(default=None, metadata={
+        "help": "Only these personas (default: all of the model's, or all with a sub-personality)."})
 
 
 class ComponentLog:
@@ -81,14 +97,14 @@ class ComponentLog:
 def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=None, encoder=None,
           log_dir: Optional[str] = None):
     """(policy, tokenizer, value model, reward model, dataset) for PPOTrainer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from personaweave.encoders import default_encoder
     from personaweave.evaluation import PersonaClassifier
+    from personaweave.loading import load_model
 
     if model is None:
-        model = PersonaWeaveForCausalLM.from_pretrained(script.model)
-        tokenizer = AutoTokenizer.from_pretrained(script.model)
+        model, tokenizer, _ = load_model(script.model, with_adapters=False)
         if script.start_adapter:
             model = merged_adapter(model, script.model, script.start_adapter)
     if script.pad_token in tokenizer.get_vocab():
@@ -117,7 +133,10 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     value_model.config.pad_token_id = tokenizer.pad_token_id
     data = load_persona_dialogues("train", data_dir=script.dataset_dir)
     judged = set(classifier.labels) if classifier is not None else set(ctx.descriptions)
-    names = [n for n in model.config.persona_names if n in judged and not n.startswith("blend_")]
+    names = [n for n in model.config.persona_names if n in judged and not n.startswith("blend_")
+             and (not script.personas or n in script.personas)]
+    if not names:
+        raise SystemExit(f"No persona to train: {script.personas or 'none'} among the judged {sorted(judged)}.")
     rows = [(p, q) for q in sorted(set(data["prompt"])) for p in names][: script.max_prompts]
     from datasets import Dataset
 
@@ -129,6 +148,68 @@ def build(script: PPOScriptArguments, model=None, tokenizer=None, classifier=Non
     dataset = Dataset.from_list([{"persona": p, "prompt": q} for p, q in rows])
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
     return model, tokenizer, value_model, reward_model, dataset
+
+
+def main_per_persona(script: PPOScriptArguments, args: PPOConfig, **built) -> str:
+    """PPO on each persona's own sub-personality in turn (resumable); returns output_dir/final.
+    `built` may hold a `classifier` and an `encoder` for the reward (as for `main`)."""
+    import shutil
+    import tempfile
+
+    from personaweave.files import replace_folder, save_folder_atomically
+    from personaweave.loading import load_model, shipped_checkpoint_dir
+    from personaweave.sub_personalities import ADAPTERS_DIR, has_sub_personalities, load_sub_personalities
+
+    source = script.model or shipped_checkpoint_dir("default")
+    if not has_sub_personalities(source):
+        raise SystemExit(f"{source} has no LoRA sub-personalities to start PPO from.")
+    adapters = sorted(d for d in os.listdir(os.path.join(source, ADAPTERS_DIR))
+                      if os.path.isfile(os.path.join(source, ADAPTERS_DIR, d, "adapter_config.json")))
+    unknown = sorted(set(script.personas or []) - set(adapters))
+    if unknown:
+        raise SystemExit(f"No sub-personality for {unknown} in {source}; it has {adapters}.")
+    root, main_process = args.output_dir, os.environ.get("RANK", "0") == "0"
+    final_dir = os.path.join(root, "final")
+    os.makedirs(root, exist_ok=True)
+    if main_process:
+        if not os.path.isdir(final_dir):  # the master, unchanged, and every sub-personality as it was
+            master, tokenizer, _ = load_model(script.model, with_adapters=False)
+            save_folder_atomically(master, tokenizer, final_dir)
+        for name in adapters:
+            target = os.path.join(final_dir, ADAPTERS_DIR, name)
+            if not os.path.isdir(target):
+                tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}-copy")
+                shutil.copytree(os.path.join(source, ADAPTERS_DIR, name), tmp, dirs_exist_ok=True)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                replace_folder(tmp, target)
+    for persona in script.personas or adapters:
+        marker = os.path.join(root, "done", f"{persona}.json")
+        if os.path.isfile(marker):
+            print(f"{persona}: done already, skipped")
+            continue
+        model, tokenizer, _ = load_model(script.model, with_adapters=False)
+        start = merged_adapter(model, source, persona)
+        args.output_dir = os.path.join(root, "runs", persona)
+        one = dataclasses.replace(script, personas=[persona], start_adapter=None)
+        ppo_dir, trainer = main(one, args, model=start, tokenizer=tokenizer, **built)
+        if main_process:
+            fresh, _, _ = load_model(script.model, with_adapters=False)
+            peft = load_sub_personalities(fresh, source, names=[persona])
+            peft.load_adapter(ppo_dir, adapter_name="ppo")
+            # W + dW_persona + dW_ppo: PPO's LoRA was trained on top of the merged persona LoRA
+            peft.add_weighted_adapter([persona, "ppo"], [1.0, 1.0], "combined", combination_type="cat")
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".{persona}-adapter")
+            peft.save_pretrained(tmp, selected_adapters=["combined"])
+            replace_folder(os.path.join(tmp, "combined"), os.path.join(final_dir, ADAPTERS_DIR, persona))
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
+            with open(marker, "w", encoding="utf-8") as handle:
+                json.dump({"episodes": args.total_episodes, "scores_first_last": scores[:1] + scores[-1:]}, handle)
+        del trainer
+    args.output_dir = root
+    print(f"final model: {final_dir}")
+    return final_dir
 
 
 def merged_adapter(model, folder: str, name: str):
@@ -169,5 +250,8 @@ def make_parser() -> TrlParser:
 
 if __name__ == "__main__":
     script_args, ppo_args = make_parser().parse_args_and_config()
-    main(script_args, ppo_args)
+    if script_args.per_persona_adapters:
+        main_per_persona(script_args, ppo_args)
+    else:
+        main(script_args, ppo_args)
     sys.exit(0)

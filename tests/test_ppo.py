@@ -199,3 +199,62 @@ def test_ppo_can_start_from_a_saved_adapter_merged_into_the_master(tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(before, expected, atol=1e-3)  # the adapter did change the model
+
+
+def test_ppo_per_persona_adapters_start_from_each_lora_and_save_their_sum(tmp_path, hash_encoder):
+    """`per_persona_adapters`: PPO starts from the persona's LoRA merged into the master, trains on that
+    persona's prompts only, and the saved sub-personality (persona LoRA `cat` PPO LoRA) computes exactly
+    what the merged start + the PPO adapter computes; other personas' LoRAs are left as they were, and a
+    second start skips the finished persona."""
+    pytest.importorskip("trl.experimental.ppo")
+    ppo = load_recipe("ppo")
+    from peft import PeftModel
+    from trl.experimental.ppo import PPOConfig
+
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+    from personaweave.testing import tiny_persona_model
+
+    model, tok = tiny_persona_model()
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]}, replace_additional_special_tokens=False)
+    model.language_model.resize_token_embeddings(len(tok), mean_resizing=False)
+    master = tmp_path / "master"
+    model.save_pretrained(master)
+    tok.save_pretrained(master)
+    peft = add_sub_personality(model, "pirate", lora_config(r=2, alpha=4))
+    add_sub_personality(peft, "robot", lora_config(r=2, alpha=4))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_sub_personalities(peft, str(master))
+    script = ppo.PPOScriptArguments(model=str(master), max_prompts=8, lora_r=4, per_persona_adapters=True,
+                                    personas=["pirate"], dataset_dir=tiny_dataset(tmp_path))
+    args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=2, total_episodes=4,
+                     response_length=6, num_ppo_epochs=1, num_mini_batches=1, report_to="none", bf16=False,
+                     use_cpu=True, save_strategy="no", num_sample_generations=0, learning_rate=1e-2)
+    final = ppo.main_per_persona(script, args, classifier=UniformClassifier(), encoder=hash_encoder)
+    assert args.output_dir == str(tmp_path / "ppo")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        start = ppo.merged_adapter(load_model(str(master), with_adapters=False)[0], str(master), "pirate")
+        at_start = start.eval()(input_ids=ids).logits
+        expected = PeftModel.from_pretrained(start, str(tmp_path / "ppo" / "runs" / "pirate" / "final")).eval()
+        expected = expected(input_ids=ids).logits
+        shipped, _, loaded = load_model(final)
+        assert sorted(loaded.peft_config) == ["pirate", "robot"] and loaded.peft_config["pirate"].r == 2 + 4
+        loaded.set_adapter("pirate")
+        got = loaded.eval()(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, at_start, atol=1e-4)  # PPO changed the policy
+        loaded.set_adapter("robot")  # untouched: the master's robot LoRA
+        original = load_model(str(master))[2]
+        original.set_adapter("robot")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
+    marker = tmp_path / "ppo" / "done" / "pirate.json"
+    before = marker.stat().st_mtime_ns
+    ppo.main_per_persona(script, args, classifier=UniformClassifier(), encoder=hash_encoder)
+    assert marker.stat().st_mtime_ns == before  # resumed: nothing retrained
+    with pytest.raises(SystemExit, match="No sub-personality"):
+        ppo.main_per_persona(ppo.PPOScriptArguments(model=str(master), per_persona_adapters=True, personas=["nope"]),
+                             args)
