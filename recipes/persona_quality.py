@@ -16,6 +16,8 @@ Rows:
 - `best_of_n`: the selection judge's pick among the N candidates (the data v2 is made of: the ceiling
   that training on it aims for);
 - `blend_*`: 50/50 blends on the master (share of replies identified as either parent);
+- `compare_token_lora` (with `--compare_model DIR`, or `shipped`): the token + LoRA row of a second
+  PersonaWeave folder in the same run, e.g. the checkpoint a per-persona DPO or PPO run started from;
 - `token_ppo` (with `--ppo_run DIR`): the persona's tokens on the PPO policy of `recipes/ppo.py` (its LoRA
   adapter on the master with `--ppo_start_adapter`, e.g. the DPO adapter, merged in: where PPO started).
 
@@ -54,6 +56,9 @@ class PersonaQualityArguments:
                                                     "best_of_n", "blends"],
                             metadata={"help": "Which rows to compute."})
     output: str = field(default="outputs/persona_quality.json", metadata={"help": "The JSON report."})
+    compare_model: Optional[str] = field(default=None, metadata={
+        "help": "A second model folder ('shipped': the shipped checkpoint): adds its token + LoRA row, "
+                "`compare_token_lora`, e.g. where the evaluated run started from."})
     ppo_run: Optional[str] = field(default=None, metadata={"help": "A recipes/ppo.py output_dir: adds the `token_ppo` row."})
     ppo_start_adapter: Optional[str] = field(default="dpo", metadata={
         "help": "The adapter of --model that PPO started from (merged in before the PPO adapter), or none."})
@@ -116,16 +121,27 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         with master_only(peft):
             replies["persona_token"] = generate([chat(n, t, model=model) for n, t in zip(targets, prompts)], model)
         timing["persona_token"] = time.time() - start
-    if "token_lora" in args.rows and peft is not None:
-        start = time.time()
+    def token_lora(lora_model: Any, lora_peft: Any) -> list[str]:
         rows = []
         for name in names:
-            if name not in sub_personalities(peft):
+            if name not in sub_personalities(lora_peft):
                 raise SystemExit(f"error: no LoRA sub-personality for {name!r}")
-            set_sub_personality(peft, name)
-            rows += generate([chat(name, t, model=model) for t in turns], peft)
-        replies["token_lora"] = rows
+            set_sub_personality(lora_peft, name)
+            rows += generate([chat(name, t, model=lora_model) for t in turns], lora_peft)
+        return rows
+
+    if "token_lora" in args.rows and peft is not None:
+        start = time.time()
+        replies["token_lora"] = token_lora(model, peft)
         timing["token_lora"] = time.time() - start
+    if args.compare_model:
+        start = time.time()
+        other, _, other_peft = load_model(None if args.compare_model == "shipped" else args.compare_model)
+        if other_peft is None:
+            raise SystemExit(f"error: {args.compare_model} has no LoRA sub-personalities to compare with.")
+        replies["compare_token_lora"] = token_lora(other, other_peft)
+        timing["compare_token_lora"] = time.time() - start
+        del other, other_peft
     if "token_dpo" in args.rows and peft is not None and "dpo" in sub_personalities(peft):
         start = time.time()
         set_sub_personality(peft, "dpo")
