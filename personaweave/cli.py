@@ -290,13 +290,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
     from personaweave.export.onnx import export_onnx
 
-    try:
-        out = export_onnx(args.model, args.out, task=args.task, quantize=args.quantize, all_logits=args.all_logits)
-    except ValueError as err:  # name the command's option, not the function's argument
-        raise ValueError(str(err).replace("pass task=", "pass --task")) from None
-    print(f"exported {args.model} -> {out}: {sorted(os.listdir(out))}")
+    def export(folder: str) -> str:
+        try:
+            return export_onnx(folder, args.out, task=args.task, quantize=args.quantize, all_logits=args.all_logits)
+        except ValueError as err:  # name the command's option, not the function's argument
+            raise ValueError(str(err).replace("pass task=", "pass --task")) from None
+
+    if args.model:
+        out = export(args.model)
+    else:  # the shipped checkpoint: its persona layer on the shipped base, saved as a full folder first
+        from personaweave.loading import load_model
+
+        model, tokenizer, _ = load_model(with_adapters=False, checkpoint=args.checkpoint)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            del model
+            out = export(folder)
+        print(f"note: the graph is the shipped {args.checkpoint!r} master with its persona tokens; LoRA "
+              "sub-personalities are not in it (`serve --backend onnx` serves the master's personas).",
+              file=sys.stderr)
+    print(f"exported {args.model or 'the shipped ' + repr(args.checkpoint) + ' checkpoint'} -> {out}: "
+          f"{sorted(os.listdir(out))}")
     return 0
 
 
@@ -542,7 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model folder (ONNX with Optimum, optional int8)")
     p.add_argument("format", choices=["onnx"])
-    p.add_argument("model", help="a saved PersonaWeave model folder")
+    p.add_argument("model", nargs="?", help="a saved PersonaWeave model folder (default: the shipped checkpoint's "
+                   "master, see --checkpoint)")
+    p.add_argument("--checkpoint", default="default", choices=["default", "descriptions"],
+                   help="without a model folder: which shipped checkpoint's persona layer to export")
     p.add_argument("--out", required=True)
     p.add_argument("--task", help="default: from the folder (PersonaWeave LM: text-generation-with-past, "
                    "trait model: feature-extraction, persona classifier: text-classification)")

@@ -228,3 +228,23 @@ def test_all_logits_keeps_every_position(exported, tmp_path):
     ids = encode(tok, "robot", model=model)
     torch.testing.assert_close(ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits,
                                rtol=1e-3, atol=1e-3)
+
+
+def test_export_without_a_folder_exports_the_shipped_checkpoints_master(tmp_path, monkeypatch, exported):
+    """`personaweave export onnx --out DIR` (no folder): the shipped checkpoint's master, loaded as `chat` and
+    `serve` load it (without LoRA adapters), is saved and exported; here a tiny model stands in for it."""
+    import personaweave.loading
+
+    model, tok, _ = exported
+    calls = []
+
+    def fake_load_model(source=None, *, with_adapters=True, checkpoint="default", **_):
+        calls.append((source, with_adapters, checkpoint))
+        return model, tok, None
+
+    monkeypatch.setattr(personaweave.loading, "load_model", fake_load_model)
+    assert main(["export", "onnx", "--out", str(tmp_path / "shipped"), "--checkpoint", "descriptions"]) == 0
+    assert calls == [(None, False, "descriptions")]
+    config = json.loads((tmp_path / "shipped" / "config.json").read_text())
+    assert [p["name"] for p in config["personaweave"]["personas"]] == model.config.persona_names
+    assert (tmp_path / "shipped" / "model.onnx").is_file()
