@@ -15,7 +15,8 @@ Rows:
 - `sample_1`: the first of the N sampled candidates (temperature 0.9, persona in the system prompt);
 - `best_of_n`: the selection judge's pick among the N candidates (the data v2 is made of: the ceiling
   that training on it aims for);
-- `blend_*`: 50/50 blends on the master (share of replies identified as either parent);
+- `blend_*`: 50/50 blends on the master (share of replies identified as either parent); with the row
+  `blends_lora`, the blended tokens + the 50/50 blend of the parents' LoRAs (`blend_*_lora`, as the demo blends);
 - `compare_token_lora` (with `--compare_model DIR`, or `shipped`): the token + LoRA row of a second
   PersonaWeave folder in the same run, e.g. the checkpoint a per-persona DPO or PPO run started from;
 - `token_ppo` (with `--ppo_run DIR`): the persona's tokens on the PPO policy of `recipes/ppo.py` (its LoRA
@@ -88,7 +89,12 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
     from personaweave.evaluation.judges import EvaluationJudge, SelectionJudge
     from personaweave.generation import generate_replies
     from personaweave.loading import load_model
-    from personaweave.sub_personalities import master_only, set_sub_personality, sub_personalities
+    from personaweave.sub_personalities import (
+        blend_sub_personalities,
+        master_only,
+        set_sub_personality,
+        sub_personalities,
+    )
     from personaweave.zoo import load_default_personas
 
     torch.manual_seed(0)
@@ -183,15 +189,25 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
                       "seconds": round(timing.get(row, 0.0), 1), "replies": texts,
                       "examples": [{"persona": n, "user": t, "reply": r}
                                    for n, t, r in list(zip(targets, prompts, texts))[:: max(1, len(texts) // 8)]]}
-    if "blends" in args.rows:
+    for row in ("blends", "blends_lora"):
+        if row not in args.rows or (row == "blends_lora" and peft is None):
+            continue
         for a, b in (("librarian", "robot"), ("pirate", "butler")):
             name = f"blend_{a}_{b}"
             if name not in model.config.persona_names:
                 model.add_persona(name, blend={a: 0.5, b: 0.5}, tokenizer=tokenizer)
+            if row == "blends":  # the blended tokens on the master
+                with master_only(peft):
+                    texts = generate([chat(name, t, model=model) for t in turns], model)
+            else:  # the blended tokens + the 50/50 blend of the parents' LoRAs (as the demo blends)
+                adapter = f"lora_{name}"
+                if adapter not in sub_personalities(peft):
+                    blend_sub_personalities(peft, {a: 0.5, b: 0.5}, name=adapter, activate=False)
+                set_sub_personality(peft, adapter)
+                texts = generate([chat(name, t, model=model) for t in turns], peft)
             with master_only(peft):
-                texts = generate([chat(name, t, model=model) for t in turns], model)
                 ev = evaluation.judge(turns, texts, [a] * len(texts))
-            table[name] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
+            table[name if row == "blends" else f"{name}_lora"] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
                            f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
                            f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
                            "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"]}
