@@ -156,7 +156,7 @@ def main_per_persona(script: PPOScriptArguments, args: PPOConfig, **built) -> st
     import shutil
     import tempfile
 
-    from personaweave.files import replace_folder, save_folder_atomically
+    from personaweave.files import replace_folder, save_folder_atomically, write_json
     from personaweave.loading import load_model, shipped_checkpoint_dir
     from personaweave.sub_personalities import ADAPTERS_DIR, has_sub_personalities, load_sub_personalities
 
@@ -202,10 +202,8 @@ def main_per_persona(script: PPOScriptArguments, args: PPOConfig, **built) -> st
             peft.save_pretrained(tmp, selected_adapters=["combined"])
             replace_folder(os.path.join(tmp, "combined"), os.path.join(final_dir, ADAPTERS_DIR, persona))
             shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.dirname(marker), exist_ok=True)
             scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
-            with open(marker, "w", encoding="utf-8") as handle:
-                json.dump({"episodes": args.total_episodes, "scores_first_last": scores[:1] + scores[-1:]}, handle)
+            write_json({"episodes": args.total_episodes, "scores_first_last": scores[:1] + scores[-1:]}, marker)
         del trainer
     args.output_dir = root
     print(f"final model: {final_dir}")
