@@ -302,10 +302,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.model:
         out = export(args.model)
-    else:  # the shipped checkpoint: its persona layer on the shipped base, saved as a full folder first
-        from personaweave.loading import load_model
-
-        model, tokenizer, _ = load_model(with_adapters=False, checkpoint=args.checkpoint)
+    else:  # the shipped checkpoint, loaded as chat and serve load it, saved as a full folder first
+        model, tokenizer = _load(args)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)

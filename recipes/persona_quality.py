@@ -127,6 +127,7 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         with master_only(peft):
             replies["persona_token"] = generate([chat(n, t, model=model) for n, t in zip(targets, prompts)], model)
         timing["persona_token"] = time.time() - start
+
     def token_lora(lora_model: Any, lora_peft: Any) -> list[str]:
         rows = []
         for name in names:
@@ -207,10 +208,11 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
                 texts = generate([chat(name, t, model=model) for t in turns], peft)
             with master_only(peft):
                 ev = evaluation.judge(turns, texts, [a] * len(texts))
-            table[name if row == "blends" else f"{name}_lora"] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
-                           f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
-                           f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
-                           "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"]}
+            key = name if row == "blends" else f"{name}_lora"
+            table[key] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
+                          f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
+                          f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
+                          "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"]}
     report = {"turns": len(turns), "personas": names, "split": args.split, "decoding": DECODING,
               "max_new_tokens": args.max_new_tokens, "rows": table,
               "candidates_per_turn": int(candidates.groupby(["prompt", "persona"]).size().max())}
