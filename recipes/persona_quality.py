@@ -17,8 +17,9 @@ Rows:
   that training on it aims for);
 - `blend_*`: 50/50 blends on the master (share of replies identified as either parent); with the row
   `blends_lora`, the blended tokens + the 50/50 blend of the parents' LoRAs (`blend_*_lora`, as the demo blends);
-- `compare_token_lora` (with `--compare_model DIR`, or `shipped`): the token + LoRA row of a second
-  PersonaWeave folder in the same run, e.g. the checkpoint a per-persona DPO or PPO run started from;
+- `compare_persona_token`, `compare_token_lora` (with `--compare_model DIR`, or `shipped`): the persona-token
+  and token + LoRA rows of a second PersonaWeave folder in the same run (each when its own row is asked for
+  and, for LoRA, when that folder has sub-personalities), e.g. the checkpoint a DPO or PPO run started from;
 - `token_ppo` (with `--ppo_run DIR`): the persona's tokens on the PPO policy of `recipes/ppo.py` (its LoRA
   adapter on the master with `--ppo_start_adapter`, e.g. the DPO adapter, merged in: where PPO started).
 
@@ -58,8 +59,8 @@ class PersonaQualityArguments:
                             metadata={"help": "Which rows to compute."})
     output: str = field(default="outputs/persona_quality.json", metadata={"help": "The JSON report."})
     compare_model: Optional[str] = field(default=None, metadata={
-        "help": "A second model folder ('shipped': the shipped checkpoint): adds its token + LoRA row, "
-                "`compare_token_lora`, e.g. where the evaluated run started from."})
+        "help": "A second model folder ('shipped': the shipped checkpoint): adds its persona-token and token + "
+                "LoRA rows (`compare_persona_token`, `compare_token_lora`), e.g. where the evaluated run started from."})
     ppo_run: Optional[str] = field(default=None, metadata={"help": "A recipes/ppo.py output_dir: adds the `token_ppo` row."})
     ppo_start_adapter: Optional[str] = field(default="dpo", metadata={
         "help": "The adapter of --model that PPO started from (merged in before the PPO adapter), or none."})
@@ -142,12 +143,20 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         replies["token_lora"] = token_lora(model, peft)
         timing["token_lora"] = time.time() - start
     if args.compare_model:
-        start = time.time()
         other, _, other_peft = load_model(None if args.compare_model == "shipped" else args.compare_model)
-        if other_peft is None:
-            raise SystemExit(f"error: {args.compare_model} has no LoRA sub-personalities to compare with.")
-        replies["compare_token_lora"] = token_lora(other, other_peft)
-        timing["compare_token_lora"] = time.time() - start
+        if "persona_token" in args.rows:
+            start = time.time()
+            with master_only(other_peft):
+                replies["compare_persona_token"] = generate(
+                    [chat(n, t, model=other) for n, t in zip(targets, prompts)], other)
+            timing["compare_persona_token"] = time.time() - start
+        if "token_lora" in args.rows and other_peft is not None:
+            start = time.time()
+            replies["compare_token_lora"] = token_lora(other, other_peft)
+            timing["compare_token_lora"] = time.time() - start
+        elif "persona_token" not in args.rows:
+            raise SystemExit(f"error: {args.compare_model} has no LoRA sub-personalities to compare with "
+                             "(add the row persona_token to compare its persona tokens).")
         del other, other_peft
     if "token_dpo" in args.rows and peft is not None and "dpo" in sub_personalities(peft):
         start = time.time()
@@ -212,7 +221,8 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             table[key] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
                           f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
                           f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
-                          "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"]}
+                          "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"],
+                          "replies": texts}
     report = {"turns": len(turns), "personas": names, "split": args.split, "decoding": DECODING,
               "max_new_tokens": args.max_new_tokens, "rows": table,
               "candidates_per_turn": int(candidates.groupby(["prompt", "persona"]).size().max())}

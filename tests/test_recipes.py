@@ -242,3 +242,59 @@ def test_unseen_personas_meta_learns_a_few_shot_start_from_the_trained_style_per
     assert "fewshot-meta-scratch" not in model.config.persona_names  # the scratch persona is gone again
     defaults_only, tok = tiny_persona_model()
     assert recipe.meta_learned_init(defaults_only, tok, args) is None  # no training style persona: no tasks
+
+
+def _persona_quality_folder(path: Path, seed: int) -> str:
+    """A tiny saved PersonaWeave folder with a random LoRA sub-personality for every default persona."""
+    import torch
+
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+    from personaweave.testing import tiny_persona_model
+
+    model, tok = tiny_persona_model(extra_words=("what", "should", "i", "read", "cook", "tonight"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    peft = None
+    for name in model.config.persona_names:
+        peft = add_sub_personality(peft or model, name, lora_config(r=2, alpha=4))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_sub_personalities(peft, str(path))
+    return str(path)
+
+
+def test_persona_quality_compare_model_and_blended_loras(tmp_path, monkeypatch, hash_encoder):
+    """`--compare_model` adds the second folder's rows, computed as that folder's own run computes them;
+    `blends_lora` blends the parents' LoRAs too (its replies differ from the blended tokens alone)."""
+    import pandas as pd
+
+    import personaweave.encoders
+
+    monkeypatch.setattr(personaweave.encoders, "default_encoder", lambda *a, **k: hash_encoder)
+    recipe = load_recipe("persona_quality")
+    first, second = _persona_quality_folder(tmp_path / "a", 1), _persona_quality_folder(tmp_path / "b", 2)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = [{"split": "test", "prompt": turn, "persona": "pirate", "sample": s, "score": float(s),
+             "reply_trimmed": f"reply {s}."} for turn in ("what should i read", "what should i cook tonight")
+            for s in range(2)]
+    pd.DataFrame(rows).to_parquet(shards / "judged-000.parquet")
+
+    def run(model, out, rows, compare=None):
+        args = recipe.PersonaQualityArguments(shards=str(shards), model=model, max_turns=2, max_new_tokens=4,
+                                              batch_size=8, rows=rows, output=str(tmp_path / out),
+                                              compare_model=compare)
+        return recipe.main(args)["rows"]
+
+    table = run(first, "a.json", ["persona_token", "token_lora", "blends", "blends_lora"], compare=second)
+    alone = run(second, "b.json", ["persona_token", "token_lora"])
+    assert table["compare_token_lora"]["replies"] == alone["token_lora"]["replies"]
+    assert table["compare_persona_token"]["replies"] == alone["persona_token"]["replies"]
+    assert table["token_lora"]["replies"] != alone["token_lora"]["replies"]  # the two folders differ
+    for a, b in (("librarian", "robot"), ("pirate", "butler")):
+        tokens, lora = table[f"blend_{a}_{b}"], table[f"blend_{a}_{b}_lora"]
+        assert lora["replies"] != tokens["replies"]
+        assert lora["parent_share"] == pytest.approx(lora[f"share_{a}"] + lora[f"share_{b}"])
