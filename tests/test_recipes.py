@@ -294,7 +294,20 @@ def test_persona_quality_compare_model_and_blended_loras(tmp_path, monkeypatch, 
     assert table["compare_token_lora"]["replies"] == alone["token_lora"]["replies"]
     assert table["compare_persona_token"]["replies"] == alone["persona_token"]["replies"]
     assert table["token_lora"]["replies"] != alone["token_lora"]["replies"]  # the two folders differ
+    from personaweave.chat import chat
+    from personaweave.generation import generate_replies
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import blend_sub_personalities
+
+    model, tok, peft = load_model(first)
+    turns = ["what should i read", "what should i cook tonight"]
     for a, b in (("librarian", "robot"), ("pirate", "butler")):
         tokens, lora = table[f"blend_{a}_{b}"], table[f"blend_{a}_{b}_lora"]
+        # what the demo does: blended tokens + the 50/50 `cat` blend of the parents' LoRAs
+        model.add_persona(f"blend_{a}_{b}", blend={a: 0.5, b: 0.5}, tokenizer=tok)
+        blend_sub_personalities(peft, {a: 0.5, b: 0.5}, name=f"check_{a}_{b}")
+        out = generate_replies(peft, tok, [chat(f"blend_{a}_{b}", t, model=model) for t in turns],
+                               max_new_tokens=4, **recipe.DECODING)
+        assert lora["replies"] == [recipe.trim_to_sentence(t) for t in out.texts]
         assert lora["replies"] != tokens["replies"]
         assert lora["parent_share"] == pytest.approx(lora[f"share_{a}"] + lora[f"share_{b}"])
