@@ -61,8 +61,12 @@ def blend_sub_personalities(model: Any, weights: Mapping[str, float], name: Opti
     name = check_name(name or blend_name(weights))
     if name in sub_personalities(model):
         raise ValueError(f"Sub-personality {name!r} already exists.")
+    was_training = model.training
     model.add_weighted_adapter(list(weights), list(weights.values()), adapter_name=name,
                                combination_type=combination_type)
+    # peft builds the new adapter's modules in torch's default training mode: in a model that was in eval
+    # mode that would switch its LoRA dropout on, so blended replies would be random and perturbed
+    model.train(was_training)
     if activate:
         model.set_adapter(name)
     return name

@@ -112,3 +112,20 @@ def test_training_one_adapter_leaves_the_other_and_the_master_alone(two_adapters
         optimizer.step()
         optimizer.zero_grad()
     assert all(torch.equal(p, frozen[n]) for n, p in peft.named_parameters() if n in frozen)
+
+
+def test_a_blend_made_at_inference_runs_without_dropout():
+    """peft creates a blended adapter's modules in training mode; in a model in eval mode the blend must not
+    switch LoRA dropout on (two identical forwards must agree); in a model being trained it stays on."""
+    model, tok = make_persona_model()
+    peft = add_sub_personality(model, "robot", lora_config(r=4, alpha=8, dropout=0.5))
+    peft = add_sub_personality(peft, "pirate", lora_config(r=4, alpha=8, dropout=0.5))
+    perturb(peft, "robot", 0)
+    perturb(peft, "pirate", 1)
+    peft.eval()
+    blend_sub_personalities(peft, {"robot": 0.5, "pirate": 0.5}, name="mix")
+    assert not any(m.training for m in peft.modules())
+    torch.testing.assert_close(logits(peft, tok), logits(peft, tok))
+    peft.train()
+    blend_sub_personalities(peft, {"robot": 0.3, "pirate": 0.7}, name="mix_training")
+    assert all(m.training for n, m in peft.named_modules() if n.endswith("lora_dropout.mix_training"))
