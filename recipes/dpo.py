@@ -1,13 +1,16 @@
 """DPO on best-of-N preference pairs: the selection judge's (best, worst) replies of the prompted base.
 
-Two modes:
+Three modes:
 - one shared adapter (default): the policy is the trained master (or any PersonaWeave folder) with
   one new LoRA adapter (`dpo`) on top; the reference is the same model with the adapter disabled
   (TRL does this for a peft policy with `ref_model=None`);
 - `--per_persona_adapters true`: each persona's own LoRA sub-personality is trained further on that
   persona's pairs; the reference is a frozen copy of that LoRA (TRL's "ref" adapter), so DPO starts
   from, and is measured against, token + LoRA. The output folder is the master with the updated
-  sub-personalities; personas already finished are skipped when the run is started again. Prompts carry only the persona's reserved tokens, not its description, so what
+  sub-personalities; personas already finished are skipped when the run is started again;
+- `--persona_layer_only true`: no LoRA at all; only the persona layer (the map to the persona tokens' soft
+  vectors) is trained, the LM stays frozen, and the reference is a frozen copy of the starting master: DPO for
+  the token-only model. The output folder is the master with its new persona layer. Prompts carry only the persona's reserved tokens, not its description, so what
 DPO teaches must travel through the persona token. Pairs come from
 `datasets_scripts/build_persona_dialogues_v2.py` (`preferences_<split>.parquet`).
 
@@ -41,6 +44,8 @@ class PersonaDPOArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     max_train_pairs: Optional[int] = field(default=None, metadata={"help": "Cap the training pairs."})
     min_margin: float = field(default=0.0, metadata={"help": "Keep pairs whose score gap is at least this."})
+    persona_layer_only: bool = field(default=False, metadata={
+        "help": "Train only the persona layer (token-only DPO; reference: a frozen copy of the master)."})
     per_persona_adapters: bool = field(default=False, metadata={
         "help": "Train each persona's own LoRA sub-personality of `master_model` on its own pairs "
                 "(reference: a frozen copy of it) instead of one shared new adapter."})
@@ -90,6 +95,8 @@ def train(trainer: DPOTrainer, eval_data, resume_from_checkpoint=None) -> None:
 def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
     if script_args.per_persona_adapters:
         return main_per_persona(script_args, training_args)
+    if script_args.persona_layer_only:
+        return main_persona_layer(script_args, training_args)
     model, tokenizer = build_policy(script_args)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -112,6 +119,29 @@ def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
         save_folder_atomically(master, tokenizer, final_dir)
         os.makedirs(os.path.join(final_dir, ADAPTERS_DIR), exist_ok=True)
         replace_folder(adapter_dir, os.path.join(final_dir, ADAPTERS_DIR, script_args.adapter_name))
+    print(f"final model: {final_dir}")
+    return final_dir
+
+
+def main_persona_layer(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
+    """Token-only DPO: the persona layer trains, the LM is frozen, the reference is the starting master."""
+    from personaweave.training.sft import freeze_base
+
+    model, tokenizer = build_policy(script_args)
+    reference, _ = build_policy(script_args)
+    freeze_base(model)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    train_data, eval_data = preference_splits(script_args, training_args, set(model.config.persona_names),
+                                              model.config.num_persona_tokens)
+    if not len(train_data):
+        raise SystemExit(f"No training pairs for the model's personas in {script_args.preferences_dir}.")
+    trainer = DPOTrainer(model=model, ref_model=reference.eval(), args=training_args, train_dataset=train_data,
+                         eval_dataset=eval_data, processing_class=tokenizer)
+    train(trainer, eval_data, training_args.resume_from_checkpoint)
+    final_dir = os.path.join(training_args.output_dir, "final")
+    if training_args.process_index == 0:
+        save_folder_atomically(trainer.model, tokenizer, final_dir)
     print(f"final model: {final_dir}")
     return final_dir
 

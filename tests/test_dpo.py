@@ -121,3 +121,35 @@ def test_dpo_per_persona_trains_each_persona_lora_against_a_copy_of_itself(tmp_p
     stamp = (Path(final) / "adapters" / "pirate" / "adapter_model.safetensors").stat().st_mtime_ns
     recipe.main(script_args, training_args)  # resumes: finished personas are skipped
     assert (Path(final) / "adapters" / "pirate" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_dpo_persona_layer_only_trains_the_persona_layer_against_the_starting_master(tmp_path):
+    """`persona_layer_only`: token-only DPO. The LM's weights stay exactly as they were, the persona layer
+    moves, and the chosen replies gain log-probability over the rejected ones relative to the start."""
+    from personaweave.models import PersonaWeaveForCausalLM
+    from personaweave.zoo import load_default_personas
+
+    rows = []
+    for p in load_default_personas()[:4]:
+        for prompt in ("what should i read today", "hello how are you"):
+            rows.append({"persona": p.name, "prompt": prompt, "chosen": p.examples[0].lower(),
+                         "rejected": "ok fine whatever", "chosen_score": 0.8, "rejected_score": 0.1})
+    for split in ("train", "validation"):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+    recipe = _recipe()
+    script_args, training_args = recipe.make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "configs" / "dpo_smoke.yaml"), "--preferences_dir", str(tmp_path),
+         "--output_dir", str(tmp_path / "run"), "--max_steps", "6", "--learning_rate", "1e-2",
+         "--persona_layer_only", "true"])
+    start, tokenizer = recipe.build_policy(script_args)
+    final = recipe.main(script_args, training_args)
+    trained = PersonaWeaveForCausalLM.from_pretrained(final).eval()
+    before, after = start.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("persona_embedding.") for k in moved)
+    k = trained.config.num_persona_tokens
+    with torch.no_grad():
+        gain = [_pair_logp(trained, tokenizer, r, k) - _pair_logp(start.eval(), tokenizer, r, k) for r in rows]
+    assert sum(gain) / len(rows) > 0.0
