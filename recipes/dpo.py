@@ -89,7 +89,10 @@ def preference_splits(script_args: PersonaDPOArguments, training_args: DPOConfig
 def train(trainer: DPOTrainer, eval_data, resume_from_checkpoint=None) -> None:
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if eval_data is not None and len(eval_data):
-        trainer.log(trainer.evaluate())
+        metrics = trainer.evaluate()
+        trainer.log(metrics)
+        trainer.log_metrics("eval", metrics)  # printed (the progress bar is closed by now) and
+        trainer.save_metrics("eval", metrics)  # kept: <output_dir>/eval_results.json
 
 
 def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
