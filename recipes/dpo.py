@@ -20,6 +20,7 @@ DPO teaches must travel through the persona token. Pairs come from
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from personaweave.chat import chat
 from personaweave.data import load_persona_preferences
 from personaweave.files import replace_folder, save_folder_atomically
 from personaweave.sub_personalities import ADAPTERS_DIR, lora_config
+from personaweave.training.sft import freeze_base
 
 
 @dataclass
@@ -98,8 +100,6 @@ def train(trainer: DPOTrainer, eval_data, resume_from_checkpoint=None) -> None:
 def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
     if script_args.per_persona_adapters:
         return main_per_persona(script_args, training_args)
-    if script_args.persona_layer_only:
-        return main_persona_layer(script_args, training_args)
     model, tokenizer = build_policy(script_args)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -107,13 +107,22 @@ def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
                                               model.config.num_persona_tokens)
     if not len(train_data):
         raise SystemExit(f"No training pairs for the model's personas in {script_args.preferences_dir}.")
-    # A plain model + peft_config: TRL adds the LoRA adapter and scores the reference with it disabled.
-    trainer = DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer,
-                         peft_config=lora_config(r=script_args.lora_r, alpha=2 * script_args.lora_r))
+    if script_args.persona_layer_only:
+        # token-only DPO: the reference is a frozen copy of the starting master, only the persona layer trains
+        reference = copy.deepcopy(model).eval()
+        freeze_base(model)
+        policy_kwargs = {"ref_model": reference}
+    else:
+        # A plain model + peft_config: TRL adds the LoRA adapter and scores the reference with it disabled.
+        policy_kwargs = {"ref_model": None,
+                         "peft_config": lora_config(r=script_args.lora_r, alpha=2 * script_args.lora_r)}
+    trainer = DPOTrainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer, **policy_kwargs)
     train(trainer, eval_data, training_args.resume_from_checkpoint)
     final_dir = os.path.join(training_args.output_dir, "final")
-    if training_args.process_index == 0:
+    if training_args.process_index == 0 and script_args.persona_layer_only:
+        save_folder_atomically(trainer.model, tokenizer, final_dir)
+    elif training_args.process_index == 0:
         policy = trainer.model
         adapter_dir = os.path.join(training_args.output_dir, f".{script_args.adapter_name}-adapter")
         # the one adapter TRL added ("default") becomes the sub-personality `adapter_name`
@@ -122,29 +131,6 @@ def main(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
         save_folder_atomically(master, tokenizer, final_dir)
         os.makedirs(os.path.join(final_dir, ADAPTERS_DIR), exist_ok=True)
         replace_folder(adapter_dir, os.path.join(final_dir, ADAPTERS_DIR, script_args.adapter_name))
-    print(f"final model: {final_dir}")
-    return final_dir
-
-
-def main_persona_layer(script_args: PersonaDPOArguments, training_args: DPOConfig) -> str:
-    """Token-only DPO: the persona layer trains, the LM is frozen, the reference is the starting master."""
-    from personaweave.training.sft import freeze_base
-
-    model, tokenizer = build_policy(script_args)
-    reference, _ = build_policy(script_args)
-    freeze_base(model)
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    train_data, eval_data = preference_splits(script_args, training_args, set(model.config.persona_names),
-                                              model.config.num_persona_tokens)
-    if not len(train_data):
-        raise SystemExit(f"No training pairs for the model's personas in {script_args.preferences_dir}.")
-    trainer = DPOTrainer(model=model, ref_model=reference.eval(), args=training_args, train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer)
-    train(trainer, eval_data, training_args.resume_from_checkpoint)
-    final_dir = os.path.join(training_args.output_dir, "final")
-    if training_args.process_index == 0:
-        save_folder_atomically(trainer.model, tokenizer, final_dir)
     print(f"final model: {final_dir}")
     return final_dir
 

@@ -35,10 +35,8 @@ def _pair_logp(model, tokenizer, row, k):
     return out["chosen"] - out["rejected"]
 
 
-@pytest.mark.slow
-def test_dpo_smoke_moves_the_policy_towards_chosen(tmp_path):
-    from personaweave.loading import load_model
-    from personaweave.sub_personalities import master_only, set_sub_personality
+def _write_pairs(folder) -> list[dict]:
+    """Preference pairs of 4 default personas (chosen: an example line; rejected: a bland reply) in `folder`."""
     from personaweave.zoo import load_default_personas
 
     rows = []
@@ -47,7 +45,16 @@ def test_dpo_smoke_moves_the_policy_towards_chosen(tmp_path):
             rows.append({"persona": p.name, "prompt": prompt, "chosen": p.examples[0].lower(),
                          "rejected": "ok fine whatever", "chosen_score": 0.8, "rejected_score": 0.1})
     for split in ("train", "validation"):
-        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+        pd.DataFrame(rows).to_parquet(folder / f"preferences_{split}.parquet")
+    return rows
+
+
+@pytest.mark.slow
+def test_dpo_smoke_moves_the_policy_towards_chosen(tmp_path):
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import master_only, set_sub_personality
+
+    rows = _write_pairs(tmp_path)
     recipe = _recipe()
     script_args, training_args = recipe.make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes" / "configs" / "dpo_smoke.yaml"), "--preferences_dir", str(tmp_path),
@@ -128,15 +135,8 @@ def test_dpo_persona_layer_only_trains_the_persona_layer_against_the_starting_ma
     """`persona_layer_only`: token-only DPO. The LM's weights stay exactly as they were, the persona layer
     moves, and the chosen replies gain log-probability over the rejected ones relative to the start."""
     from personaweave.models import PersonaWeaveForCausalLM
-    from personaweave.zoo import load_default_personas
 
-    rows = []
-    for p in load_default_personas()[:4]:
-        for prompt in ("what should i read today", "hello how are you"):
-            rows.append({"persona": p.name, "prompt": prompt, "chosen": p.examples[0].lower(),
-                         "rejected": "ok fine whatever", "chosen_score": 0.8, "rejected_score": 0.1})
-    for split in ("train", "validation"):
-        pd.DataFrame(rows).to_parquet(tmp_path / f"preferences_{split}.parquet")
+    rows = _write_pairs(tmp_path)
     recipe = _recipe()
     script_args, training_args = recipe.make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes" / "configs" / "dpo_smoke.yaml"), "--preferences_dir", str(tmp_path),
