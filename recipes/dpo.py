@@ -10,8 +10,10 @@ Three modes:
   sub-personalities; personas already finished are skipped when the run is started again;
 - `--persona_layer_only true`: no LoRA at all; only the persona layer (the map to the persona tokens' soft
   vectors) is trained, the LM stays frozen, and the reference is a frozen copy of the starting master: DPO for
-  the token-only model. The output folder is the master with its new persona layer. Prompts carry only the persona's reserved tokens, not its description, so what
-DPO teaches must travel through the persona token. Pairs come from
+  the token-only model. The output folder is the master with its new persona layer.
+
+Prompts carry only the persona's reserved tokens, not its description, so what DPO teaches must travel
+through the persona token. Pairs come from
 `datasets_scripts/build_persona_dialogues_v2.py` (`preferences_<split>.parquet`).
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/dpo.py --config recipes/configs/dpo.yaml

@@ -154,9 +154,9 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             start = time.time()
             replies["compare_token_lora"] = token_lora(other, other_peft)
             timing["compare_token_lora"] = time.time() - start
-        elif "persona_token" not in args.rows:
-            raise SystemExit(f"error: {args.compare_model} has no LoRA sub-personalities to compare with "
-                             "(add the row persona_token to compare its persona tokens).")
+        if not {"compare_persona_token", "compare_token_lora"} & set(replies):
+            raise SystemExit(f"error: nothing to compare {args.compare_model} on: ask for the row persona_token, "
+                             "or token_lora with a folder that has LoRA sub-personalities.")
         del other, other_peft
     if "token_dpo" in args.rows and peft is not None and "dpo" in sub_personalities(peft):
         start = time.time()

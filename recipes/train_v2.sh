@@ -25,7 +25,7 @@ python datasets_scripts/build_persona_dialogues_v2.py --shards "$SHARDS" --out "
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_persona_v2.yaml $TRAIN_FLAGS
 accelerate launch --config_file "$ACCEL" recipes/sft.py --config recipes/configs/sft_sub_personality_v2.yaml $TRAIN_FLAGS
 accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo.yaml $TRAIN_FLAGS
-# token-only DPO on the persona layer (the shipped layer since session 10: persona stage on all v2 data, 1 epoch,
+# token-only DPO on the persona layer (the shipped layer since session 10: the persona stage above on all v2 data,
 # then this, 800 pairs; the shipped LoRAs are the per-persona DPO ones, recipes/configs/dpo_persona_lora_v2*.yaml)
 accelerate launch --config_file "$ACCEL" recipes/dpo.py --config recipes/configs/dpo_persona_layer.yaml \
     --master_model outputs/sft_persona_v2/final --output_dir outputs/dpo_persona_layer $TRAIN_FLAGS

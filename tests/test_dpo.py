@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -145,8 +146,6 @@ def test_dpo_persona_layer_only_trains_the_persona_layer_against_the_starting_ma
     start, tokenizer = recipe.build_policy(script_args)
     final = recipe.main(script_args, training_args)
     trained = PersonaWeaveForCausalLM.from_pretrained(final).eval()
-    import json
-
     assert "eval_rewards/accuracies" in json.loads((tmp_path / "run" / "eval_results.json").read_text())
     before, after = start.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()

@@ -268,7 +268,8 @@ def _persona_quality_folder(path: Path, seed: int) -> str:
 
 def test_persona_quality_compare_model_and_blended_loras(tmp_path, monkeypatch, hash_encoder):
     """`--compare_model` adds the second folder's rows, computed as that folder's own run computes them;
-    `blends_lora` blends the parents' LoRAs too (its replies differ from the blended tokens alone)."""
+    `blends_lora` generates with the blended tokens + the 50/50 `cat` blend of the parents' LoRAs (not with
+    the tokens alone); asking to compare on no row is a clear error."""
     import pandas as pd
 
     import personaweave.encoders
@@ -313,3 +314,5 @@ def test_persona_quality_compare_model_and_blended_loras(tmp_path, monkeypatch, 
         assert lora["replies"] == out.texts
         assert lora["replies"] != tokens["replies"]
         assert lora["parent_share"] == pytest.approx(lora[f"share_{a}"] + lora[f"share_{b}"])
+    with pytest.raises(SystemExit, match="nothing to compare"):
+        run(first, "c.json", ["prompt_baseline"], compare=second)
