@@ -22,20 +22,23 @@ class UsageError(SystemExit):
         return self.message
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer) from --model DIR (a saved PersonaWeave folder), --base (a fresh build with an
-    untrained persona layer), or by default the shipped trained personas on the shipped SmolLM2."""
+def _load(args: argparse.Namespace, with_adapters: bool = False):
+    """(model, tokenizer, peft) from --model DIR (a saved PersonaWeave folder), --base (a fresh build with an
+    untrained persona layer), or by default the shipped trained personas on the shipped SmolLM2. `peft`:
+    the model with its LoRA sub-personalities when `with_adapters` and the source has them, else None."""
     from personaweave.loading import from_base, load_model, warn_if_untrained
 
+    peft = None
     if getattr(args, "model", None):
         _require_model_folder(args.model)
-        model, tokenizer, _ = load_model(args.model, with_adapters=False)
+        model, tokenizer, peft = load_model(args.model, with_adapters=with_adapters)
     elif getattr(args, "base", None):
         model, tokenizer = from_base(args.base, personas="default")
     else:
-        model, tokenizer, _ = load_model(with_adapters=False, checkpoint=getattr(args, "checkpoint", "default"))
+        model, tokenizer, peft = load_model(with_adapters=with_adapters,
+                                            checkpoint=getattr(args, "checkpoint", "default"))
     warn_if_untrained(model, log=lambda m: print(f"warning: {m}", file=sys.stderr))
-    return model, tokenizer
+    return model, tokenizer, peft
 
 
 def _require_model_folder(path: str) -> None:
@@ -51,7 +54,7 @@ def _require_model_folder(path: str) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from personaweave.chat import chat
-    from personaweave.generation import generate_replies
+    from personaweave.generation import DECODING, generate_replies
 
     if args.description is not None and args.examples is not None:
         raise UsageError("give --description or --examples, not both")
@@ -62,7 +65,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 examples = [line.strip() for line in handle if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"cannot read --examples {args.examples}: {err}") from None
-    model, tokenizer = _load(args)
+    model, tokenizer, peft = _load(args, with_adapters=not args.no_adapters)
     if (args.description is not None or examples is not None) and args.persona not in model.config.persona_names:
         try:  # a persona for this chat only (best with --checkpoint descriptions)
             if examples is not None:  # fitted to the lines (a few seconds)
@@ -74,6 +77,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.persona not in model.config.persona_names:
         raise UsageError(f"unknown persona {args.persona!r}; known: {model.config.persona_names} "
                          "(or give --description or --examples to add it for this chat)")
+    # the persona's LoRA sub-personality answers with its tokens when it has one (as in the demo and `serve`)
+    adapter = {}
+    if peft is not None:
+        from personaweave.serving.batching import MASTER
+        from personaweave.sub_personalities import sub_personalities
+
+        adapter = {"adapter_names": [args.persona if args.persona in sub_personalities(peft) else MASTER]}
     history: list[dict[str, str]] = []
     messages = [args.message] if args.message else None
     while True:
@@ -89,7 +99,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
             text = messages.pop(0)
         conversation = chat(args.persona, text, history, model=model)
-        reply = generate_replies(model, tokenizer, [conversation], max_new_tokens=args.max_new_tokens).texts[0]
+        reply = generate_replies(peft or model, tokenizer, [conversation], max_new_tokens=args.max_new_tokens,
+                                 **DECODING, **adapter).texts[0]
         print(f"{args.persona}> {reply}", flush=True)
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
@@ -232,7 +243,7 @@ def cmd_eval_benchmark(args: argparse.Namespace) -> int:
         if meta.get("encoding") == "per_sentence":
             encoder = ProfileSentenceEncoder(encoder, meta.get("max_sentences", 5))
     else:
-        model, tokenizer = _load(args)
+        model, tokenizer, _ = _load(args)
     conditions = args.conditions or ["none", "prompt", "tokens", "both"]
     results = evaluate_convai2(model, tokenizer, examples, f1_examples=f1_examples, history_turns=args.history_turns,
                                conditions=conditions, encoder=encoder, batch_size=args.batch_size,
@@ -303,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.model:
         out = export(args.model)
     else:  # the shipped checkpoint, loaded as chat and serve load it, saved as a full folder first
-        model, tokenizer = _load(args)
+        model, tokenizer, _ = _load(args)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
@@ -408,7 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.backend == "onnx" and (not args.onnx_dir or args.adaptive):
         raise SystemExit("error: --backend onnx needs --onnx-dir (a `personaweave export onnx` folder of this model) "
                          "and serves its fixed personas: it cannot be combined with --adaptive.")
-    model, tokenizer = _load(args)
+    model, tokenizer, peft = _load(args, with_adapters=not args.no_adapters and args.backend == "torch")
     decoder = None
     if args.backend == "onnx":
         from personaweave.serving.onnx_backend import OnnxDecoder, check_graph_matches
@@ -444,7 +455,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              experiment=experiment, experiment_name=args.ab_name, pool_size=args.pool_size,
                              max_queue=args.max_queue, max_streams=args.max_streams,
                              request_timeout=args.request_timeout, max_prompt_tokens=args.max_prompt_tokens,
-                             decoder=decoder, prefix_cache_tokens=args.prefix_cache_tokens)
+                             decoder=decoder, prefix_cache_tokens=args.prefix_cache_tokens, peft=peft)
+    if peft is not None:
+        print(f"personaweave serve: LoRA sub-personalities {sorted(service.sub_personalities)} (each answers its "
+              "persona; --no-adapters: persona tokens only)", file=sys.stderr, flush=True)
     _say_when_listening(args.host, args.port, model.config.persona_names + (["auto"] if adapter else [])
                         + (["ab"] if experiment else []))
     uvicorn.run(create_app(service, api_keys=keys), host=args.host, port=args.port, log_level="warning",
@@ -515,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", metavar="FILE", help="or add it from example lines in its voice (a text file, one "
                    "line each, at least 5): the vector is fitted to them")
     p.add_argument("message", nargs="?")
+    p.add_argument("--no-adapters", action="store_true", help="persona tokens only: do not load the LoRA "
+                   "sub-personalities (by default a persona that has one answers with it)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("personas", help="list, add, blend or remove personas of a model folder")
@@ -609,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the experiment's name (also its hashing salt; default: %(default)s)")
     p.add_argument("--policy", help="exported trait policy folder (default: hold the current traits)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-adapters", action="store_true", help="persona tokens only: do not load the LoRA "
+                   "sub-personalities (by default a persona that has one answers with it; --backend torch)")
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

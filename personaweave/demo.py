@@ -27,7 +27,7 @@ BLEND = ("librarian_robot", {"librarian": 0.5, "robot": 0.5})
 def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
              max_new_tokens: int = 40, width: int = 38, checkpoint: str = "default") -> None:
     from personaweave.chat import chat, prompt_baseline_messages
-    from personaweave.generation import Replies, generate_replies
+    from personaweave.generation import DECODING, Replies, generate_replies
     from personaweave.loading import from_base, load_model, persona_layer_is_trained
     from personaweave.sub_personalities import (
         blend_sub_personalities,
@@ -59,7 +59,7 @@ def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
 
     def generate(label, chats, generator=None):
         torch.manual_seed(0)
-        replies = generate_replies(generator or model, tokenizer, chats, max_new_tokens=max_new_tokens)
+        replies = generate_replies(generator or model, tokenizer, chats, max_new_tokens=max_new_tokens, **DECODING)
         columns[label] = replies.texts
         timings[label] = replies
 
@@ -76,7 +76,7 @@ def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
             else:
                 set_sub_personality(peft, p)
             replies = generate_replies(peft, tokenizer, [chat(p, q, model=model) for q in PROMPTS],
-                                       max_new_tokens=max_new_tokens)
+                                       max_new_tokens=max_new_tokens, **DECODING)
             texts += replies.texts
             tokens += replies.new_tokens
         peft.delete_adapter(adapter)
@@ -93,7 +93,8 @@ def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
     print("=" * ((width + 3) * len(labels)))
     for label, replies in timings.items():
         print(f"{label:>22}: {len(token_chats)} replies, {replies.new_tokens} new tokens in {replies.seconds:.1f} s "
-              f"({replies.tokens_per_second:.1f} tokens/s, greedy, batched)")
+              f"({replies.tokens_per_second:.1f} tokens/s, greedy + repetition penalty "
+              f"{DECODING['repetition_penalty']}, batched)")
 
 
 def _side_by_side(cells: list[tuple[str, str]], width: int) -> None:

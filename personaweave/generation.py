@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+# The deployed decoding: `personaweave chat`, the demo, the service and every quality evaluation. Greedy, with
+# a repetition penalty (without it a small model copies its own earlier replies in multi-turn chats).
+DECODING: dict[str, Any] = {"do_sample": False, "repetition_penalty": 1.2}
+
 
 def cpu_has_fast_bfloat16() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively (AMX tiles or AVX-512 BF16). Without them PyTorch

@@ -39,11 +39,10 @@ from trl import TrlParser
 
 from personaweave.chat import chat, prompt_baseline_messages
 from personaweave.files import write_json
+from personaweave.generation import DECODING  # the deployed decoding, for every generated row
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "datasets_scripts"))
 from build_persona_dialogues import trim_to_sentence  # noqa: E402
-
-DECODING = {"do_sample": False, "repetition_penalty": 1.2}  # the service's and the demo's decoding
 
 
 @dataclass

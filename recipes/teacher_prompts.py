@@ -24,9 +24,10 @@ from typing import Any
 from trl import TrlParser
 
 from personaweave.files import write_json
+from personaweave.generation import DECODING
 
 sys.path.insert(0, os.path.dirname(__file__))
-from persona_quality import DECODING, held_out_candidates, trim_to_sentence  # noqa: E402
+from persona_quality import held_out_candidates, trim_to_sentence  # noqa: E402
 
 
 @dataclass

@@ -41,11 +41,12 @@ from trl import TrlParser
 
 from personaweave.chat import chat, prompt_baseline_messages
 from personaweave.files import write_json
+from personaweave.generation import DECODING
 from personaweave.loading import FEW_SHOT_KEYS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from few_shot_personas import FEW_SHOT_PROMPT  # noqa: E402
-from persona_quality import DECODING, held_out_candidates, trim_to_sentence  # noqa: E402
+from persona_quality import held_out_candidates, trim_to_sentence  # noqa: E402
 
 
 @dataclass

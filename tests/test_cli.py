@@ -84,3 +84,32 @@ def test_chat_adds_a_persona_from_a_description_on_the_descriptions_checkpoint(c
     assert capsys.readouterr().out.startswith("bard> ")
     with pytest.raises(SystemExit, match="give --description"):
         main(["chat", "--checkpoint", "descriptions", "--persona", "bard", "hello"])
+
+
+def test_chat_answers_with_the_personas_lora_sub_personality(tmp_path, capsys):
+    """A folder with LoRA sub-personalities: `chat --persona robot` answers as plain `generate` does with the
+    robot adapter and the deployed decoding; `--no-adapters` as the master alone."""
+    from test_adapters import CONFIG, perturb
+
+    from personaweave.chat import chat
+    from personaweave.generation import DECODING, generate_replies
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+
+    model, tok = make_persona_model()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
+    perturb(peft, "robot", 0)
+    save_sub_personalities(peft, str(folder))
+    master, tok, peft = load_model(str(folder))
+    conversation = [chat("robot", "hello", model=master)]
+    peft.set_adapter("robot")
+    with_lora = generate_replies(peft, tok, conversation, max_new_tokens=6, **DECODING).texts[0]
+    with peft.disable_adapter():
+        without = generate_replies(peft, tok, conversation, max_new_tokens=6, **DECODING).texts[0]
+    assert with_lora != without
+    for flags, expected in (([], with_lora), (["--no-adapters"], without)):
+        assert main(["chat", "--model", str(folder), "--persona", "robot", "--max-new-tokens", "6", *flags, "hello"]) == 0
+        assert capsys.readouterr().out == f"robot> {expected}\n", flags

@@ -314,3 +314,56 @@ def test_max_tokens_and_temperature_are_honoured(client, service):
     assert (greedy.max_new_tokens, greedy.temperature, greedy.top_p) == (1, 0.0, 1.0)
     assert (hot.max_new_tokens, hot.temperature, hot.top_p) == (service.max_new_tokens, 0.8, 0.5)
     assert service.generation_kwargs(0.8)["do_sample"] and not service.generation_kwargs()["do_sample"]
+
+
+def test_a_persona_with_a_lora_sub_personality_answers_with_it(tmp_path, hash_encoder):
+    """`peft=`: "pirate" and "robot" answer with their own adapters (in the continuous batch and in
+    `generate`), a blend and a persona without an adapter with the master alone; each reply is what plain
+    `generate` gives with that adapter (or none)."""
+    from test_adapters import CONFIG, perturb
+
+    from personaweave.chat import chat
+    from personaweave.generation import generate_replies
+    from personaweave.serving.app import REPETITION_PENALTY, ChatRequest
+    from personaweave.sub_personalities import add_sub_personality, lora_config
+
+    model, tok = tiny_persona_model()
+    peft = add_sub_personality(model, "pirate", lora_config(**CONFIG))
+    peft = add_sub_personality(peft, "robot", lora_config(**CONFIG))
+    perturb(peft, "pirate", 0)
+    perturb(peft, "robot", 1)
+    service = PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/db.sqlite"), memory=Memory(hash_encoder),
+                             max_new_tokens=8, peft=peft)
+    assert service.sub_personalities == {"pirate", "robot"} and not peft.training
+    client = TestClient(create_app(service))
+
+    def expected(persona, adapter):
+        conversation = chat(persona, "hello what should i read ?", [], model=model)
+        kwargs = dict(max_new_tokens=8, repetition_penalty=REPETITION_PENALTY)
+        if adapter is None:
+            with peft.disable_adapter():
+                return generate_replies(peft, tok, [conversation], **kwargs).texts[0]
+        peft.set_adapter(adapter)
+        return generate_replies(peft, tok, [conversation], **kwargs).texts[0]
+
+    replies = {}
+    for persona in ("pirate", "robot", "butler"):
+        answer = client.post("/v1/chat/completions", json=body(model=persona))
+        assert answer.status_code == 200, answer.text
+        replies[persona] = answer.json()["choices"][0]["message"]["content"]
+        assert replies[persona] == expected(persona, persona if persona != "butler" else None), persona
+    assert replies["pirate"] != expected("pirate", None)  # the adapter changed the reply
+    request = ChatRequest(model="pirate", messages=[{"role": "user", "content": "hello what should i read ?"}])
+    conversations = [service.conversation(p, request)[0] for p in ("pirate", "robot", "butler")]
+    assert service.generate(conversations, personas=["pirate", "robot", "butler"]) == list(replies.values())
+    assert service.generate(conversations[:1]) == [expected("pirate", None)]  # no personas: the master alone
+    blend = client.post("/v1/chat/completions", json=body(model="blend:pirate=0.5,robot=0.5"))
+    assert blend.status_code == 200
+    slot = next(iter(service.pool.entries.values()))[0]
+    assert service.adapter_of(slot) is None and service.adapter_of("pirate") == "pirate"
+    with pytest.raises(ValueError, match="carries LoRA layers"):  # which adapter would answer is an accident
+        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/db1.sqlite"))
+    with pytest.raises(ValueError, match="load_model's third value"):
+        PersonaService(tiny_persona_model()[0], tok, Storage(f"sqlite:///{tmp_path}/db2.sqlite"), peft=peft)
+    with pytest.raises(ValueError, match="bake"):
+        PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/db3.sqlite"), peft=peft, decoder=object())

@@ -190,13 +190,16 @@ def test_serve_dtype_and_max_batch_options(monkeypatch, tmp_path):
 
     model, tok = tiny_persona_model()
     calls = []
-    monkeypatch.setattr(cli, "_load", lambda args: (model, tok))
+    adapters = []
+    monkeypatch.setattr(cli, "_load", lambda args, with_adapters=False: adapters.append(with_adapters) or (model, tok, None))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
     monkeypatch.delenv("PERSONAWEAVE_API_KEYS", raising=False)
     assert cli.main(["serve", "--db", f"sqlite:///{tmp_path}/s.sqlite", "--no-memory", "--dtype", "bfloat16",
                      "--max-batch", "3"]) == 0
     service = calls[-1].state.service
     assert model.dtype == torch.bfloat16 and service.batcher.max_batch == 3
+    assert cli.main(["serve", "--db", f"sqlite:///{tmp_path}/s.sqlite", "--no-memory", "--no-adapters"]) == 0
+    assert adapters == [True, False]  # LoRA sub-personalities by default, none with --no-adapters
 
 
 def test_a_next_turn_reuses_its_own_kept_prefix_and_still_gets_generates_tokens(model_and_prompts):
@@ -239,3 +242,59 @@ def test_a_next_turn_reuses_its_own_kept_prefix_and_still_gets_generates_tokens(
     with pytest.raises(ValueError, match="prefix_cache_tokens"):
         ContinuousBatcher(model, prefix_cache_tokens=-1)
     assert ContinuousBatcher(model, prefix_cache_tokens=0).prefix_cache is None
+
+
+def test_requests_of_different_lora_sub_personalities_share_steps_and_each_gets_its_own_tokens():
+    """With `mixed_adapters`, each request runs with its own LoRA adapter (None: the master alone) in one
+    shared batch: every request's greedy tokens equal `generate` with that adapter alone. A kept prefix
+    is reused only by a request of the same adapter."""
+    from test_adapters import CONFIG, perturb
+
+    from personaweave.sub_personalities import add_sub_personality, lora_config
+
+    model, tok = tiny_persona_model()
+    prompts = []
+    for i, text in enumerate(MESSAGES[:6]):
+        rendered = tok.apply_chat_template(chat(["pirate", "robot"][i % 2], text, [], model=model),
+                                           add_generation_prompt=True, tokenize=False)
+        prompts.append(tok(rendered, add_special_tokens=False)["input_ids"])
+    peft = add_sub_personality(model, "pirate", lora_config(**CONFIG))
+    peft = add_sub_personality(peft, "robot", lora_config(**CONFIG))
+    perturb(peft, "pirate", 0)
+    perturb(peft, "robot", 1)
+    peft.eval()
+    adapters = ["pirate", "robot", None, "robot", "pirate", None]
+    batcher = ContinuousBatcher(peft, max_batch=6, prefix_cache_tokens=400, mixed_adapters=True,
+                                eos_token_id=model.generation_config.eos_token_id)
+
+    def alone(prompt, adapter, n=10):
+        if adapter is None:
+            with peft.disable_adapter():
+                return reference(peft, prompt, n, batcher.eos, repetition_penalty=1.2)
+        peft.set_adapter(adapter)
+        return reference(peft, prompt, n, batcher.eos, repetition_penalty=1.2)
+
+    async def run():
+        async def one(i):
+            await asyncio.sleep(0.0 if i < 3 else 0.02 * i)  # three start together, the rest join them
+            return await batcher.submit(Generation(prompt=prompts[i], max_new_tokens=10, repetition_penalty=1.2,
+                                                   adapter=adapters[i], prefix_scope=f"user-{i % 2}"))
+        return await asyncio.gather(*[one(i) for i in range(len(prompts))])
+
+    done = asyncio.run(run())
+    expected = [alone(prompts[i], adapters[i]) for i in range(len(prompts))]
+    # the adapters matter here (so a batch that ignored them would fail)
+    assert any(expected[i] != alone(prompts[i], None) for i in range(len(prompts)) if adapters[i])
+    for i, gen in enumerate(done):
+        assert gen.tokens == expected[i], (i, adapters[i], gen.tokens, expected[i])
+    assert max(batcher.batch_sizes) >= 3
+    # a next turn from the same user: its kept prefix serves only the adapter that computed it
+    follow = list(prompts[0]) + done[0].tokens + list(prompts[2])
+    hits = batcher.prefix_cache.hits
+    for adapter, new_hits in (("robot", 0), ("pirate", 1)):
+        gen = asyncio.run(batcher.submit(Generation(prompt=follow, max_new_tokens=6, repetition_penalty=1.2,
+                                                    adapter=adapter, prefix_scope="user-0")))
+        assert batcher.prefix_cache.hits == hits + new_hits, adapter
+        assert gen.tokens == alone(follow, adapter, 6), adapter
+    with pytest.raises(ValueError, match="cannot apply the adapter"):
+        asyncio.run(ContinuousBatcher(model).submit(Generation(prompt=prompts[0], max_new_tokens=2, adapter="pirate")))

@@ -86,7 +86,7 @@ def test_serve_refuses_a_public_host_without_keys_and_passes_keys_on(monkeypatch
 
     model, tok = tiny_persona_model()
     calls = []
-    monkeypatch.setattr(cli, "_load", lambda args: (model, tok))
+    monkeypatch.setattr(cli, "_load", lambda args, with_adapters=False: (model, tok, None))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
     monkeypatch.delenv("PERSONAWEAVE_API_KEYS", raising=False)
     base = ["serve", "--db", f"sqlite:///{tmp_path}/s.sqlite", "--no-memory"]

@@ -4,7 +4,10 @@ POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0
                            a description ("description:a wandering bard who answers in rhyme":
                            encoded and mapped to persona tokens by the layer; best with the
                            `descriptions` checkpoint), "auto" (the adaptation engine picks the blend)
-                           or "ab" (the persona A/B experiment assigns a variant); `user` = the user id
+                           or "ab" (the persona A/B experiment assigns a variant); `user` = the user id.
+                           A persona with a LoRA sub-personality (`peft=`, `serve`'s default) answers
+                           with its tokens and that adapter; blends, descriptions and "auto" with tokens
+                           alone
 GET  /v1/models            the personas a client may name, plus `auto` / `ab` when enabled (blends are
                            asked for as `blend:...` and not listed; the pool's slots are internal)
 GET/DELETE /v1/users/{id}  a user's state and turns (ids may contain "/")
@@ -61,7 +64,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import torch
@@ -71,9 +74,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from personaweave.chat import chat
+from personaweave.generation import DECODING
 from personaweave.models.personas import blend_name, parse_blend
 from personaweave.serving.adaptation.abtest import UserExperiment
-from personaweave.serving.batching import ContinuousBatcher, FairLock, Generation, QueueFull
+from personaweave.serving.batching import MASTER, ContinuousBatcher, FairLock, Generation, QueueFull
 from personaweave.serving.memory import Memory
 from personaweave.serving.storage import Storage
 
@@ -81,7 +85,7 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
 MAX_MESSAGES = 64
 MAX_USER_ID = 128
-REPETITION_PENALTY = 1.2
+REPETITION_PENALTY = DECODING["repetition_penalty"]  # the deployed decoding (greedy unless asked to sample)
 DEFAULT_TOP_P = 0.9
 EXPERIMENT = "persona-ab"
 POOL_PREFIX = "pool-"
@@ -150,6 +154,12 @@ def _error(status: int, message: str, kind: str = "invalid_request_error",
            headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=dict(headers or {}),
                         content={"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
+def _has_lora_layers(model: Any) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(module, LoraLayer) for module in model.modules())
 
 
 def tenant_of(key: str) -> str:
@@ -312,25 +322,44 @@ class PersonaService:
                  experiment: Optional[Mapping[str, float]] = None, experiment_name: str = EXPERIMENT,
                  pool_size: int = 32, max_queue: int = 64, max_streams: int = 8, request_timeout: float = 300.0,
                  max_prompt_tokens: Optional[int] = None, decoder: Any = None, encoder: Any = None,
-                 prefix_cache_tokens: int = 4096) -> None:
+                 prefix_cache_tokens: int = 4096, peft: Any = None) -> None:
         """`decoder`: what runs the forward passes instead of `model` (e.g. `onnx_backend.OnnxDecoder`); it
         holds a fixed bank, so blends, descriptions and `auto` are then refused. `encoder`: what encodes a
         `description:` persona (anything with `.encode(list[str])`; default: the shipped MiniLM, loaded on
         first use). `prefix_cache_tokens`: the batcher's prefix cache (0: off), used by a user's next turn
-        with a bank persona (not pool slots, whose tokens change meaning when a slot is reused)."""
+        with a bank persona (not pool slots, whose tokens change meaning when a slot is reused).
+        `peft`: `model` with its LoRA sub-personalities (as `load_model` returns it): a bank persona that
+        has an adapter of its name answers with its tokens and that adapter (requests of different
+        adapters share decode steps); blends, descriptions and `auto` use the tokens alone."""
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.dynamic_personas = decoder is None
         if decoder is not None and adapter is not None:
             raise ValueError("The adaptation engine ('auto') needs the PyTorch backend: an exported graph holds a "
                              "fixed persona bank.")
+        self.peft, self.sub_personalities = peft, frozenset()
+        if peft is None and _has_lora_layers(model):
+            raise ValueError("`model` carries LoRA layers (peft put them in when its sub-personalities were loaded), "
+                             "which would answer every request with whichever adapter is active: pass `peft=` too, "
+                             "or load the model with `with_adapters=False`.")
+        if peft is not None:
+            from personaweave.sub_personalities import sub_personalities
+
+            if decoder is not None:
+                raise ValueError("LoRA sub-personalities need the PyTorch backend; to serve them from an exported "
+                                 "graph, bake them into it (`personaweave bake`).")
+            if peft.get_base_model() is not model:
+                raise ValueError("`peft` must be `model` with its LoRA sub-personalities (load_model's third value).")
+            peft.eval()  # peft's per-row adapters (`adapter_names`) refuse a model in training mode
+            self.sub_personalities = frozenset(sub_personalities(peft)) & set(model.config.persona_names)
         self.memory, self.adapter, self._encoder = memory, adapter, encoder
         self.max_new_tokens, self.history_turns = max_new_tokens, history_turns
         self.user_locks = UserLocks()
         self.model_lock = FairLock()  # bank edits and decode steps do not interleave; edits wait one step at most
         # requests join and leave the running batch between decode steps (without batching: one at a time)
-        self.batcher = ContinuousBatcher(decoder or model, self.model_lock, max_batch if batching else 1, max_queue,
+        self.batcher = ContinuousBatcher(decoder or peft or model, self.model_lock, max_batch if batching else 1,
+                                         max_queue,
                                          eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-                                         prefix_cache_tokens=prefix_cache_tokens)
+                                         prefix_cache_tokens=prefix_cache_tokens, mixed_adapters=peft is not None)
         self.max_streams, self.request_timeout = max_streams, request_timeout
         self.metrics = Metrics()
         self.experiment = None
@@ -479,27 +508,43 @@ class PersonaService:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or DEFAULT_TOP_P)
         return kwargs
 
+    def adapter_of(self, bank_name: Optional[str]) -> Optional[str]:
+        """The LoRA sub-personality a bank persona answers with (None: the tokens alone)."""
+        if bank_name in self.sub_personalities and not self.pool.is_slot(bank_name):
+            return bank_name
+        return None
+
     def generate(self, conversations: list[list[dict[str, str]]], max_tokens: Optional[int] = None,
-                 temperature: Optional[float] = None, top_p: Optional[float] = None) -> list[str]:
-        """Replies to chat-format conversations with the request's settings (one `generate` call)."""
+                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 personas: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+        """Replies to chat-format conversations with the request's settings (one `generate` call).
+        `personas`: each conversation's bank persona, whose sub-personality (if any) answers it; None
+        (or no `peft`): the master alone, without LoRA."""
         from personaweave.generation import generate_replies
 
+        kwargs = self.generation_kwargs(temperature, top_p)
+        if self.peft is not None:
+            names = personas if personas is not None else [None] * len(conversations)
+            if len(names) != len(conversations):
+                raise ValueError(f"{len(names)} personas for {len(conversations)} conversations.")
+            kwargs["adapter_names"] = [self.adapter_of(name) or MASTER for name in names]
         with self.model_lock:
-            return generate_replies(self.model, self.tokenizer, conversations,
+            return generate_replies(self.peft or self.model, self.tokenizer, conversations,
                                     max_new_tokens=max_tokens or self.max_new_tokens, batch_size=len(conversations),
-                                    **self.generation_kwargs(temperature, top_p)).texts
+                                    **kwargs).texts
 
     def request(self, prompt: list[int], max_tokens: Optional[int] = None, temperature: Optional[float] = None,
                 top_p: Optional[float] = None, user: Optional[str] = None, bank_name: Optional[str] = None
                 ) -> Generation:
         """A request for the batcher with the service's settings: greedy unless a temperature > 0 is asked
         for, and the repetition penalty either way (as `generation_kwargs`). A stored user speaking with a
-        bank persona (`bank_name`, not a pool slot) may reuse the prefix cache of their own earlier turns."""
+        bank persona (`bank_name`, not a pool slot) may reuse the prefix cache of their own earlier turns;
+        a bank persona with a sub-personality answers with it."""
         scope = user if user and bank_name is not None and not self.pool.is_slot(bank_name) else None
         return Generation(prompt=prompt, max_new_tokens=max_tokens or self.max_new_tokens,
                           temperature=temperature or 0.0, top_p=(top_p or DEFAULT_TOP_P) if temperature else 1.0,
                           top_k=self.model.generation_config.top_k or 0, repetition_penalty=REPETITION_PENALTY,
-                          prefix_scope=scope)
+                          prefix_scope=scope, adapter=self.adapter_of(bank_name))
 
     def encode_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
         """The prompt's token ids after the chat template (with a private tokenizer: the model's may be

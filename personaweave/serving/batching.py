@@ -27,6 +27,11 @@ it fails only the request that fails alone; when a batched
 decode step fails, every running request goes back to the front of the queue with the tokens it
 has so far and is prefilled again alone, so only a request that fails alone fails.
 
+LoRA sub-personalities (`mixed_adapters=True`, `model` a peft model): each request names its adapter
+(`Generation.adapter`; None: the master without LoRA) and every forward pass gets the batch's names as
+peft's `adapter_names`, so requests of different sub-personalities share steps (peft applies each
+adapter to its own rows). Kept prefixes are kept per adapter too.
+
 `lock` (held for each prefill and step) lets other threads edit the persona bank between steps;
 `FairLock` hands it over in arrival order, so an edit waits one step at most.
 """
@@ -42,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
+
+MASTER = "__base__"  # peft's name for "no adapter" in `adapter_names`
 
 
 class QueueFull(Exception):
@@ -86,6 +93,7 @@ class Generation:
     top_k: int = 50  # as `generate` samples by default (GenerationConfig.top_k)
     repetition_penalty: float = 1.0
     prefix_scope: Optional[str] = None  # whose kept prefixes this request may reuse (None: no prefix cache)
+    adapter: Optional[str] = None  # its LoRA sub-personality (with `mixed_adapters`); None: the master alone
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None  # "stop" (end of turn), "length", "error" or "cancelled"
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -105,20 +113,23 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int, min_prefix: int = 8) -> None:
         self.max_tokens, self.min_prefix = max_tokens, min_prefix
-        self._entries: collections.OrderedDict[int, tuple[str, list[int], list]] = collections.OrderedDict()
+        # key -> ((scope, adapter), tokens, per-layer cache rows)
+        self._entries: collections.OrderedDict[int, tuple[tuple[str, Optional[str]], list[int], list]] = \
+            collections.OrderedDict()
         self._next = self.tokens = self.hits = self.reused_tokens = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, scope: str, sequence: Sequence[int]) -> Optional[tuple[int, list]]:
-        """(length, layers) of the scope's longest kept prefix of `sequence`, leaving at least its last
-        token to feed; None below `min_prefix` tokens."""
+    def lookup(self, scope: str, sequence: Sequence[int], adapter: Optional[str] = None
+               ) -> Optional[tuple[int, list]]:
+        """(length, layers) of the scope's longest kept prefix of `sequence` computed with the same
+        `adapter`, leaving at least its last token to feed; None below `min_prefix` tokens."""
         best, best_key = 0, None
         with self._lock:
             for key, (owner, tokens, _) in self._entries.items():
-                if owner != scope:
+                if owner != (scope, adapter):
                     continue
                 limit, n = min(len(tokens), len(sequence) - 1), 0
                 while n < limit and tokens[n] == sequence[n]:
@@ -133,14 +144,14 @@ class PrefixCache:
             layers = self._entries[best_key][2]
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
-    def add(self, scope: str, tokens: list[int], layers: list) -> None:
+    def add(self, scope: str, tokens: list[int], layers: list, adapter: Optional[str] = None) -> None:
         if len(tokens) < self.min_prefix or len(tokens) > self.max_tokens:
             return
         with self._lock:
             for key, (owner, kept, _) in list(self._entries.items()):  # what the new sequence extends goes
-                if owner == scope and len(kept) <= len(tokens) and tokens[:len(kept)] == kept:
+                if owner == (scope, adapter) and len(kept) <= len(tokens) and tokens[:len(kept)] == kept:
                     self._drop(key)
-            self._entries[self._next] = (scope, tokens, layers)
+            self._entries[self._next] = ((scope, adapter), tokens, layers)
             self._next += 1
             self.tokens += len(tokens)
             while self.tokens > self.max_tokens:
@@ -148,7 +159,7 @@ class PrefixCache:
 
     def forget(self, scope: str) -> None:
         with self._lock:
-            for key in [k for k, (owner, _, _) in self._entries.items() if owner == scope]:
+            for key in [k for k, (owner, _, _) in self._entries.items() if owner[0] == scope]:
                 self._drop(key)
 
     def _drop(self, key: int) -> None:
@@ -164,12 +175,15 @@ class ContinuousBatcher:
     new requests are prefilled between steps, up to `prefill_tokens` prompt tokens at a time (at
     least one request), so a burst of long prompts does not stall the running batch for long.
     `prefix_cache_tokens`: the prefix cache's size in tokens (0: none; see the module docstring).
+    `mixed_adapters`: `model` is a peft model and each request's `adapter` is passed to it (see the
+    module docstring); without it, `Generation.adapter` must be None.
     """
 
     def __init__(self, model: Any, lock: Any = None, max_batch: int = 16, max_queue: int = 64,
                  eos_token_id: Optional[int | Sequence[int]] = None, prefill_tokens: int = 2048,
-                 idle_seconds: float = 30.0, prefix_cache_tokens: int = 0) -> None:
+                 idle_seconds: float = 30.0, prefix_cache_tokens: int = 0, mixed_adapters: bool = False) -> None:
         self.model, self.lock = model, lock if lock is not None else FairLock()
+        self.mixed_adapters = mixed_adapters
         self.max_batch, self.max_queue, self.prefill_tokens = max(1, max_batch), max_queue, prefill_tokens
         if eos_token_id is None:
             eos_token_id = model.generation_config.eos_token_id
@@ -197,6 +211,8 @@ class ContinuousBatcher:
         return len(self._rows)
 
     async def stream(self, gen: Generation) -> AsyncIterator[int]:
+        if gen.adapter is not None and not self.mixed_adapters:
+            raise ValueError(f"This batcher runs the master alone; it cannot apply the adapter {gen.adapter!r}.")
         gen._loop, gen._events = asyncio.get_running_loop(), asyncio.Queue()
         with self._cond:
             if len(self._waiting) >= self.max_queue:
@@ -281,7 +297,8 @@ class ContinuousBatcher:
         if self.prefix_cache is not None:
             for gen in admitted:
                 if gen.prefix_scope is not None:
-                    gen._prefix = self.prefix_cache.lookup(gen.prefix_scope, list(gen.prompt) + gen.tokens)
+                    gen._prefix = self.prefix_cache.lookup(gen.prefix_scope, list(gen.prompt) + gen.tokens,
+                                                           gen.adapter)
             groups = [[gen] for gen in admitted if gen._prefix is not None]  # each from its own past
             admitted = [gen for gen in admitted if gen._prefix is None]
         for gen in sorted(admitted, key=size, reverse=True):
@@ -315,7 +332,7 @@ class ContinuousBatcher:
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              cache_position=torch.arange(kept, width, device=device), past_key_values=past,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **self._adapters(group))
         except Exception as err:  # noqa: BLE001
             if len(group) == 1:
                 self._fail(group[0], err)
@@ -346,7 +363,7 @@ class ContinuousBatcher:
         try:
             out = self.model(input_ids=self._last, attention_mask=mask, position_ids=self._positions[:, None],
                              cache_position=torch.tensor([self._mask.shape[1]], device=device),
-                             past_key_values=self._cache, use_cache=True)
+                             past_key_values=self._cache, use_cache=True, **self._adapters(rows))
         except Exception as err:  # noqa: BLE001
             # which request broke the batch is unknown: each goes back to the front of the queue with its
             # tokens so far and is prefilled alone (which also decodes its next token), so only it fails
@@ -383,7 +400,11 @@ class ContinuousBatcher:
         tokens = (list(gen.prompt) + gen.tokens)[:length]
         layers = [(layer.keys[row:row + 1, :, -length:].clone(), layer.values[row:row + 1, :, -length:].clone())
                   for layer in self._cache.layers]
-        self.prefix_cache.add(gen.prefix_scope, tokens, layers)
+        self.prefix_cache.add(gen.prefix_scope, tokens, layers, gen.adapter)
+
+    def _adapters(self, rows: Sequence[Generation]) -> dict[str, Any]:
+        """The forward pass's peft `adapter_names`, one per row (with `mixed_adapters`)."""
+        return {"adapter_names": [gen.adapter or MASTER for gen in rows]} if self.mixed_adapters else {}
 
     def _choose(self, gen: Generation, logits) -> int:
         """The next token from (1, V) logits with the request's settings: `generate`'s processors, in
