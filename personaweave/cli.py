@@ -80,8 +80,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # the persona's LoRA sub-personality answers with its tokens when it has one (as in the demo and `serve`)
     adapter = {}
     if peft is not None:
-        from personaweave.serving.batching import MASTER
-        from personaweave.sub_personalities import sub_personalities
+        from personaweave.sub_personalities import MASTER, sub_personalities
 
         adapter = {"adapter_names": [args.persona if args.persona in sub_personalities(peft) else MASTER]}
     history: list[dict[str, str]] = []

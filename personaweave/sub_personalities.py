@@ -4,6 +4,8 @@ Adapters are named after their persona, switched with `set_sub_personality` and 
 peft's `add_weighted_adapter`. The default `combination_type="cat"` is an exact weighted sum of
 the adapters' weight deltas ("linear" is, by peft's own docstring, a rough approximation). On
 disk they live in `<model folder>/adapters/<persona>/` (peft's own format), next to the master.
+Several at once: peft's per-row `adapter_names` (`MASTER` for a row without any), as `serve` and
+`chat` use them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from personaweave.models.personas import blend_name, check_name, normalise_blend
 
 ADAPTERS_DIR = "adapters"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MASTER = "__base__"  # peft's name, in `adapter_names`, for a row that runs without any adapter
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05,

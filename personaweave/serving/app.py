@@ -77,9 +77,10 @@ from personaweave.chat import chat
 from personaweave.generation import DECODING
 from personaweave.models.personas import blend_name, parse_blend
 from personaweave.serving.adaptation.abtest import UserExperiment
-from personaweave.serving.batching import MASTER, ContinuousBatcher, FairLock, Generation, QueueFull
+from personaweave.serving.batching import ContinuousBatcher, FairLock, Generation, QueueFull
 from personaweave.serving.memory import Memory
 from personaweave.serving.storage import Storage
+from personaweave.sub_personalities import MASTER
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000

@@ -46,9 +46,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-logger = logging.getLogger(__name__)
+from personaweave.sub_personalities import MASTER
 
-MASTER = "__base__"  # peft's name for "no adapter" in `adapter_names`
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
