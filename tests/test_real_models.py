@@ -95,3 +95,40 @@ def demo_column(stdout: str, index: int) -> dict[str, str]:
             if index < len(cells):
                 blocks[persona].append(cells[index].strip())
     return {p: " ".join(cell for cell in cells if not cell.endswith(":")) for p, cells in blocks.items()}
+
+
+def test_the_service_answers_each_shipped_persona_with_its_lora_as_generate_does():
+    """The shipped checkpoint as `serve` runs it: three personas' requests share the continuous batch, each
+    with its own LoRA sub-personality, and each reply is exactly `generate`'s with that adapter alone."""
+    import asyncio
+
+    from personaweave.chat import chat
+    from personaweave.generation import DECODING
+    from personaweave.loading import has_shipped_checkpoint, load_model
+    from personaweave.serving.batching import ContinuousBatcher, Generation
+
+    if not has_shipped_checkpoint():
+        pytest.skip("no shipped checkpoint")
+    model, tok, peft = load_model()
+    personas = ["pirate", "robot", "butler"]
+    texts = [tok.apply_chat_template(chat(p, "What should I read this weekend?", model=model),
+                                     add_generation_prompt=True, tokenize=False) for p in personas]
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+    batcher = ContinuousBatcher(peft, max_batch=3, mixed_adapters=True,
+                                eos_token_id=model.generation_config.eos_token_id)
+
+    async def run():
+        return await asyncio.gather(*[batcher.submit(Generation(prompt=p, max_new_tokens=12, adapter=name,
+                                                                repetition_penalty=DECODING["repetition_penalty"]))
+                                      for p, name in zip(prompts, personas)])
+
+    done = asyncio.run(run())
+    assert max(batcher.batch_sizes) == 3
+    for prompt, name, gen in zip(prompts, personas, done):
+        peft.set_adapter(name)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                pad_token_id=tok.pad_token_id, **DECODING)[0, len(prompt):].tolist()
+        expected = out[:next((i for i, t in enumerate(out) if t in batcher.eos), len(out))]
+        assert gen.tokens == expected, name
