@@ -17,6 +17,8 @@ Rows:
   that training on it aims for);
 - `blend_*`: 50/50 blends on the master (share of replies identified as either parent); with the row
   `blends_lora`, the blended tokens + the 50/50 blend of the parents' LoRAs (`blend_*_lora`, as the demo blends);
+  with `--calibrate_blends`, also `blend_*_calibrated` (and `blend_*_calibrated_lora`): the weights that
+  `calibrate_blend` finds on training turns with the selection judge so that each parent shows half the time;
 - `compare_persona_token`, `compare_token_lora` (with `--compare_model DIR`, or `shipped`): the persona-token
   and token + LoRA rows of a second PersonaWeave folder in the same run (each when its own row is asked for
   and, for LoRA, when that folder has sub-personalities), e.g. the checkpoint a DPO or PPO run started from;
@@ -63,6 +65,11 @@ class PersonaQualityArguments:
     ppo_run: Optional[str] = field(default=None, metadata={"help": "A recipes/ppo.py output_dir: adds the `token_ppo` row."})
     ppo_start_adapter: Optional[str] = field(default="dpo", metadata={
         "help": "The adapter of --model that PPO started from (merged in before the PPO adapter), or none."})
+    calibrate_blends: bool = field(default=False, metadata={
+        "help": "Also the calibrated blends (`*_calibrated`): weights from `calibrate_blend` on training turns, "
+                "read by the selection judge, then judged on the held-out turns like the 50/50 rows."})
+    calibration_turns: int = field(default=32, metadata={"help": "Training turns that calibration generates replies to."})
+    calibration_rounds: int = field(default=5, metadata={"help": "Bisection rounds of the calibration."})
 
 
 def make_parser() -> TrlParser:
@@ -95,6 +102,7 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         set_sub_personality,
         sub_personalities,
     )
+    from personaweave.training.blend_calibration import calibrate_blend
     from personaweave.zoo import load_default_personas
 
     torch.manual_seed(0)
@@ -116,6 +124,14 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         return [trim_to_sentence(t) for t in out.texts]
 
     bank = {p.name: p for p in personas}
+
+    def calibration_turns() -> list[str]:
+        """Training turns for blend calibration, drawn with a fixed seed: the held-out turns never take part."""
+        import random
+
+        _, train_turns = held_out_candidates(args.shards, "train", 10**6)
+        random.Random(0).shuffle(train_turns)
+        return train_turns[:args.calibration_turns]
     if "prompt_baseline" in args.rows:
         start = time.time()
         with master_only(peft):
@@ -202,26 +218,46 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
         if row not in args.rows or (row == "blends_lora" and peft is None):
             continue
         for a, b in (("librarian", "robot"), ("pirate", "butler")):
-            name = f"blend_{a}_{b}"
-            if name not in model.config.persona_names:
-                model.add_persona(name, blend={a: 0.5, b: 0.5}, tokenizer=tokenizer)
-            if row == "blends":  # the blended tokens on the master
+            for calibrated in ((False, True) if args.calibrate_blends else (False,)):
+                name = f"blend_{a}_{b}" + ("_calibrated" if calibrated else "")
+                key = name if row == "blends" else f"{name}_lora"
+                weights, calibration = {a: 0.5, b: 0.5}, None
+                if calibrated:  # on training turns, read by the selection judge: never the evaluation judge
+                    start = time.time()
+                    if name in model.config.persona_names:
+                        model.remove_persona(name)
+                    calibration = calibrate_blend(
+                        model, tokenizer, name, weights, selection, calibration_turns(), rounds=args.calibration_rounds,
+                        peft=peft if row == "blends_lora" else None, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, log=lambda line, key=key: print(f"calibrating {key}: {line}", flush=True))
+                    timing[f"calibrate_{key}"] = time.time() - start
+                    weights = calibration.weights
+                if name in model.config.persona_names:
+                    model.remove_persona(name)
+                model.add_persona(name, blend=weights, tokenizer=tokenizer)
+                if row == "blends":  # the blended tokens on the master
+                    with master_only(peft):
+                        texts = generate([chat(name, t, model=model) for t in turns], model)
+                else:  # the blended tokens + the same blend of the parents' LoRAs (as the demo blends)
+                    adapter = f"lora_{key}"
+                    if adapter in sub_personalities(peft):
+                        peft.delete_adapter(adapter)
+                    blend_sub_personalities(peft, weights, name=adapter, activate=False)
+                    set_sub_personality(peft, adapter)
+                    texts = generate([chat(name, t, model=model) for t in turns], peft)
                 with master_only(peft):
-                    texts = generate([chat(name, t, model=model) for t in turns], model)
-            else:  # the blended tokens + the 50/50 blend of the parents' LoRAs (as the demo blends)
-                adapter = f"lora_{name}"
-                if adapter not in sub_personalities(peft):
-                    blend_sub_personalities(peft, {a: 0.5, b: 0.5}, name=adapter, activate=False)
-                set_sub_personality(peft, adapter)
-                texts = generate([chat(name, t, model=model) for t in turns], peft)
-            with master_only(peft):
-                ev = evaluation.judge(turns, texts, [a] * len(texts))
-            key = name if row == "blends" else f"{name}_lora"
-            table[key] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
-                          f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
-                          f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
-                          "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"],
-                          "replies": texts}
+                    ev = evaluation.judge(turns, texts, [a] * len(texts))
+                    sel = selection.judge(turns, texts, [a] * len(texts))
+                table[key] = {"parent_share": sum(p in (a, b) for p in ev.predicted) / len(texts),
+                              f"share_{a}": sum(p == a for p in ev.predicted) / len(texts),
+                              f"share_{b}": sum(p == b for p in ev.predicted) / len(texts),
+                              "relevance": ev.summary()["relevance"], "fluency": ev.summary()["fluency"],
+                              "selection_judge": {"parent_share": sum(p in (a, b) for p in sel.predicted) / len(texts),
+                                                  f"share_{a}": sum(p == a for p in sel.predicted) / len(texts),
+                                                  f"share_{b}": sum(p == b for p in sel.predicted) / len(texts)},
+                              "weights": weights, "replies": texts}
+                if calibration is not None:
+                    table[key]["calibration"] = calibration.to_dict()
     report = {"turns": len(turns), "personas": names, "split": args.split, "decoding": DECODING,
               "max_new_tokens": args.max_new_tokens, "rows": table,
               "candidates_per_turn": int(candidates.groupby(["prompt", "persona"]).size().max())}
