@@ -8,7 +8,8 @@ chosen = that persona's reply, rejected = another persona's reply to the same us
 the selection judge's best / worst of N sampled replies of that persona (`load_persona_preferences`),
 plus the persona-swap pairs of the v2 replies when `mix_persona_swap` is set. Reported:
 pairwise accuracy (score(chosen) > score(rejected)) on pairs built from the held-out test split,
-overall and per persona, written to `final/eval.json` and the model card.
+overall, per persona and per kind of pair (`per_source`), written to `final/eval.json` and the model
+card; with `report_validation`, on the validation split's pairs too (where settings are compared).
 
 Usage:
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/reward_model.py \
@@ -44,6 +45,8 @@ class RewardModelArguments:
         "help": "With best_worst: add the persona-swap pairs built from the same dataset's replies."})
     train_top_layers: Optional[int] = field(default=None, metadata={
         "help": "Train only the top N decoder layers, the final norm and the score head (None: all)."})
+    report_validation: bool = field(default=False, metadata={
+        "help": "Also report accuracy on the validation split's pairs (where settings are compared; test only reports)."})
 
 
 def load_base(base: Optional[str]) -> tuple[Any, Any]:
@@ -88,10 +91,12 @@ def pairs(script: RewardModelArguments, split: str, cap: Optional[int], seed: in
     if script.pair_source == "best_worst":
         if not script.dataset_dir:
             raise SystemExit("pair_source best_worst needs dataset_dir (the v2 dataset folder).")
-        parts.append(best_worst_pairs(script.dataset_dir, split))
+        best_worst = best_worst_pairs(script.dataset_dir, split)
+        parts.append(best_worst.add_column("source", ["best_worst"] * len(best_worst)))
     if script.pair_source == "persona_swap" or script.mix_persona_swap:
         swap = persona_preference_pairs(load_persona_dialogues(split, data_dir=script.dataset_dir), seed=seed)
-        parts.append(swap.select_columns(["persona", "prompt", "chosen", "rejected"]))
+        swap = swap.select_columns(["persona", "prompt", "chosen", "rejected"])
+        parts.append(swap.add_column("source", ["persona_swap"] * len(swap)))
     parts = [part.cast(parts[0].features) for part in parts]  # parquet strings vs in-memory strings
     data = concatenate_datasets(parts).shuffle(seed=seed)
     return data.select(range(min(cap, len(data)))) if cap else data
@@ -100,8 +105,8 @@ def pairs(script: RewardModelArguments, split: str, cap: Optional[int], seed: in
 @torch.no_grad()
 def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, max_length: int = 512
                       ) -> dict[str, Any]:
-    """Share of pairs whose chosen reply scores above the rejected one, overall and per persona.
-    Pairs longer than `max_length` tokens are left out, as RewardTrainer leaves them out of training
+    """Share of pairs whose chosen reply scores above the rejected one, overall, per persona and (when
+    the pairs have a `source` column) per kind of pair. Pairs longer than `max_length` tokens are left out, as RewardTrainer leaves them out of training
     (truncating would cut the reply's end, where the score is read)."""
     model.eval()
     length = lambda row, column: len(tokenizer.apply_chat_template(row["prompt"] + row[column]))  # noqa: E731
@@ -124,8 +129,13 @@ def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, ma
     finally:
         tokenizer.padding_side = side
     personas = np.asarray(data["persona"])
-    return {"pairwise_accuracy": float(wins.mean()), "num_pairs": int(len(wins)),
-            "per_persona": {p: float(wins[personas == p].mean()) for p in sorted(set(personas))}}
+    report = {"pairwise_accuracy": float(wins.mean()), "num_pairs": int(len(wins)),
+              "per_persona": {p: float(wins[personas == p].mean()) for p in sorted(set(personas))}}
+    if "source" in data.column_names:
+        sources = np.asarray(data["source"])
+        report["per_source"] = {s: {"pairwise_accuracy": float(wins[sources == s].mean()),
+                                    "num_pairs": int((sources == s).sum())} for s in sorted(set(sources))}
+    return report
 
 
 CARD = """---
@@ -160,6 +170,7 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
     freeze_below(model, script.train_top_layers)
     train = pairs(script, "train", script.max_train_pairs, args.seed)
     held_out = pairs(script, "test", script.max_eval_pairs, args.seed)
+    validation = pairs(script, "validation", None, args.seed) if script.report_validation else None
     before = pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length)
     columns = ["prompt", "chosen", "rejected"]
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
@@ -169,6 +180,8 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
               "untrained": before["pairwise_accuracy"],
               **pairwise_accuracy(model, tokenizer, held_out, max_length=args.max_length),
               "train_pairs": len(trainer.train_dataset), "steps": trainer.state.global_step}
+    if validation is not None:  # where settings are chosen; the test split only reports
+        report["validation"] = pairwise_accuracy(model, tokenizer, validation, max_length=args.max_length)
     final = os.path.join(args.output_dir, "final")
     if args.process_index == 0:
         save_folder_atomically(model, tokenizer, final)

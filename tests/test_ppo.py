@@ -170,6 +170,28 @@ def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
     script.mix_persona_swap = True
     mixed = recipe.pairs(script, "test", None, 0)
     assert len(mixed) == 12 and any(r["rejected"][0]["content"].startswith("butler") for r in mixed)
+    assert {r["source"] for r in mixed if r["rejected"][0]["content"] == "meh"} == {"best_worst"}
+    assert {r["source"] for r in mixed if r["rejected"][0]["content"] != "meh"} == {"persona_swap"}
+    # accuracy is reported per kind of pair too: a scorer that prefers longer replies wins every
+    # best/worst pair ("meh" is short) and ties (loses) every swap pair (same length)
+    from types import SimpleNamespace
+
+    from personaweave.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+
+    class ByLength:
+        device = torch.device("cpu")
+
+        def __call__(self, input_ids, attention_mask, **_):
+            return SimpleNamespace(logits=attention_mask.sum(-1, keepdim=True).float())
+
+        def eval(self):
+            return self
+
+    report = recipe.pairwise_accuracy(ByLength(), tok, mixed, max_length=512)
+    assert report["per_source"] == {"best_worst": {"pairwise_accuracy": 1.0, "num_pairs": 6},
+                                    "persona_swap": {"pairwise_accuracy": 0.0, "num_pairs": 6}}
     with pytest.raises(SystemExit, match="pair_source"):
         recipe.pairs(recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="nope"), "test", None, 0)
 
