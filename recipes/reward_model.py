@@ -45,6 +45,8 @@ class RewardModelArguments:
         "help": "With best_worst: add the persona-swap pairs built from the same dataset's replies."})
     train_top_layers: Optional[int] = field(default=None, metadata={
         "help": "Train only the top N decoder layers, the final norm and the score head (None: all)."})
+    evaluate_only: Optional[str] = field(default=None, metadata={
+        "help": "A trained reward model folder: report its accuracy on this config's held-out pairs; no training."})
     report_validation: bool = field(default=False, metadata={
         "help": "Also report accuracy on the validation split's pairs (where settings are compared; test only reports)."})
 
@@ -162,7 +164,23 @@ higher = more in character for the stated persona. Trained {steps} steps; see `e
 """
 
 
+def evaluate_only(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
+    """Accuracy of an already trained reward model on this config's test (and validation) pairs."""
+    tokenizer = AutoTokenizer.from_pretrained(script.evaluate_only)
+    model = AutoModelForSequenceClassification.from_pretrained(script.evaluate_only)
+    report = {"model": script.evaluate_only,
+              **pairwise_accuracy(model, tokenizer, pairs(script, "test", script.max_eval_pairs, args.seed),
+                                  max_length=args.max_length)}
+    if script.report_validation:
+        report["validation"] = pairwise_accuracy(model, tokenizer, pairs(script, "validation", None, args.seed),
+                                                 max_length=args.max_length)
+    print(json.dumps(report, indent=1))
+    return report
+
+
 def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
+    if script.evaluate_only:
+        return evaluate_only(script, args)
     model, tokenizer = load_base(script.base)
     if args.pad_token:  # RewardConfig's own option; the YAML sets one distinct from EOS
         tokenizer.pad_token = args.pad_token

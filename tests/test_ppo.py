@@ -192,6 +192,20 @@ def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
     report = recipe.pairwise_accuracy(ByLength(), tok, mixed, max_length=512)
     assert report["per_source"] == {"best_worst": {"pairwise_accuracy": 1.0, "num_pairs": 6},
                                     "persona_swap": {"pairwise_accuracy": 0.0, "num_pairs": 6}}
+    # evaluate_only: a saved reward model scored on the config's test and validation pairs, no training
+    from transformers import LlamaForSequenceClassification
+
+    from personaweave.testing import tiny_llama
+
+    lm = tiny_llama(len(tok))
+    lm.config.num_labels, lm.config.pad_token_id = 1, tok.pad_token_id
+    LlamaForSequenceClassification(lm.config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    script.evaluate_only, script.report_validation = str(tmp_path / "rm"), True
+    report = recipe.main(script, recipe.RewardConfig(output_dir=str(tmp_path / "unused"), use_cpu=True, report_to=[]))
+    assert report["num_pairs"] == 12 and report["validation"]["num_pairs"] == 12
+    assert set(report["per_source"]) == {"best_worst", "persona_swap"}
+    assert not (tmp_path / "unused").exists()
     with pytest.raises(SystemExit, match="pair_source"):
         recipe.pairs(recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="nope"), "test", None, 0)
 
