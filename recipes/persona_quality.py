@@ -228,7 +228,7 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
                         model.remove_persona(name)
                     calibration = calibrate_blend(
                         model, tokenizer, name, weights, selection, calibration_turns(), rounds=args.calibration_rounds,
-                        peft=peft if row == "blends_lora" else None, max_new_tokens=args.max_new_tokens,
+                        peft=peft, adapters=row == "blends_lora", max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, log=lambda line, key=key: print(f"calibrating {key}: {line}", flush=True))
                     timing[f"calibrate_{key}"] = time.time() - start
                     weights = calibration.weights

@@ -9,7 +9,7 @@ from test_adapters import two_adapters  # noqa: F401  (fixture)
 
 from personaweave.chat import chat
 from personaweave.generation import DECODING, generate_replies
-from personaweave.sub_personalities import blend_sub_personalities, sub_personalities
+from personaweave.sub_personalities import blend_sub_personalities, master_only, sub_personalities
 from personaweave.training.blend_calibration import balance_weight, blend_parent_shares, calibrate_blend
 
 TURNS = ["hello there", "what should I read?", "tell me about the sea", "how are you today?"]
@@ -54,15 +54,20 @@ class LengthJudge:
         return np.eye(3)[[len(r) % 3 for r in replies]]
 
 
-def expected_shares(peft, tok, weights, judge):
-    """The same measurement done by hand: a blended persona, the blended adapter, the deployed decoding."""
+def expected_shares(peft, tok, weights, judge, adapters=True):
+    """The same measurement done by hand: a blended persona, the blended adapter (or every adapter off),
+    the deployed decoding."""
     model = peft.get_base_model()
     model.add_persona("by_hand", blend=weights, tokenizer=tok)
-    blend_sub_personalities(peft, weights, name="by_hand_lora")
-    texts = generate_replies(peft, tok, [chat("by_hand", t, model=model) for t in TURNS], max_new_tokens=8,
-                             **DECODING).texts
+    conversations = [chat("by_hand", t, model=model) for t in TURNS]
+    if adapters:
+        blend_sub_personalities(peft, weights, name="by_hand_lora")
+        texts = generate_replies(peft, tok, conversations, max_new_tokens=8, **DECODING).texts
+        peft.delete_adapter("by_hand_lora")
+    else:
+        with master_only(peft):
+            texts = generate_replies(model, tok, conversations, max_new_tokens=8, **DECODING).texts
     model.remove_persona("by_hand")
-    peft.delete_adapter("by_hand_lora")
     read = [judge.names[i] if t.strip() else "" for i, t in zip(judge.persona_probs(texts).argmax(-1), texts)]
     return {p: sum(r == p for r in read) / len(read) for p in weights}, texts
 
@@ -88,6 +93,11 @@ def test_parent_shares_measure_the_blend_with_its_adapters_and_clean_up(two_adap
     # and the blend matters: other weights give other replies
     _, other = expected_shares(peft, tok, {"robot": 0.2, "pirate": 0.8}, judge)
     assert other != texts
+    # tokens alone (as serve answers blends): every adapter off, whichever one is active
+    tokens_only = blend_parent_shares(model, tok, "mix", weights, judge, TURNS, peft=peft, adapters=False,
+                                      max_new_tokens=8)
+    want_tokens, tokens_texts = expected_shares(peft, tok, weights, judge, adapters=False)
+    assert tokens_only == want_tokens and tokens_texts != texts
 
 
 def test_calibrate_blend_returns_a_measured_weight(two_adapters):  # noqa: F811

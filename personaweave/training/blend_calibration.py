@@ -86,11 +86,12 @@ def balance_weight(measure: Callable[[float], tuple[float, float]], target: floa
 
 
 def blend_parent_shares(model: Any, tokenizer: Any, name: str, weights: Mapping[str, float], judge: Any,
-                        turns: Sequence[str], *, peft: Any = None, max_new_tokens: int = 48,
+                        turns: Sequence[str], *, peft: Any = None, adapters: bool = True, max_new_tokens: int = 48,
                         batch_size: int = 32) -> dict[str, float]:
     """Share of replies to `turns` that `judge` reads as each parent, for the blend `weights` made as the
     demo makes it: blended persona tokens, plus the blend of the parents' LoRA sub-personalities when
-    `peft` is given (else tokens alone). The blend is added as persona `name` (not yet in the bank) and
+    `peft` (the PeftModel around `model`) is given, unless `adapters=False`: then the tokens alone, with
+    every adapter off (as `serve` answers blends). The blend is added as persona `name` (not yet in the bank) and
     removed afterwards, with its adapter; `name`'s persona tokens stay reserved in the tokenizer, as they
     are for the persona that is then added under that name."""
     from personaweave.chat import chat
@@ -107,7 +108,7 @@ def blend_parent_shares(model: Any, tokenizer: Any, name: str, weights: Mapping[
     adapter, active = None, (peft.active_adapter if peft is not None else None)
     try:
         conversations = [chat(name, t, model=model) for t in turns]
-        if peft is not None:
+        if peft is not None and adapters:
             adapter = blend_sub_personalities(peft, weights, name=f"{name}_lora")
             texts = generate_replies(peft, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, **DECODING).texts
@@ -126,10 +127,11 @@ def blend_parent_shares(model: Any, tokenizer: Any, name: str, weights: Mapping[
 
 
 def calibrate_blend(model: Any, tokenizer: Any, name: str, weights: Mapping[str, float], judge: Any,
-                    turns: Sequence[str], *, peft: Any = None, rounds: int = 5, max_new_tokens: int = 48,
-                    batch_size: int = 32, log: Optional[Callable[[str], None]] = None) -> BlendCalibration:
-    """The two-parent blend weights whose replies (tokens, plus LoRA with `peft`) `judge` reads as the
-    parents in the requested proportion, measured as persona `name` (see `blend_parent_shares`). Use the
+                    turns: Sequence[str], *, peft: Any = None, adapters: bool = True, rounds: int = 5,
+                    max_new_tokens: int = 48, batch_size: int = 32,
+                    log: Optional[Callable[[str], None]] = None) -> BlendCalibration:
+    """The two-parent blend weights whose replies (tokens, plus LoRA with `peft` unless `adapters=False`)
+    `judge` reads as the parents in the requested proportion, measured as persona `name` (see `blend_parent_shares`). Use the
     selection judge and training turns. Then `model.add_persona(name, blend=result.weights, tokenizer=...)`
     and, with LoRA, `blend_sub_personalities(peft, result.weights)`."""
     requested = normalise_blend(weights, model.config.persona_names)
@@ -142,7 +144,7 @@ def calibrate_blend(model: Any, tokenizer: Any, name: str, weights: Mapping[str,
 
     def measure(x: float) -> tuple[float, float]:
         shares = blend_parent_shares(model, tokenizer, name, {first: x, second: 1.0 - x}, judge, turns, peft=peft,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                     adapters=adapters, max_new_tokens=max_new_tokens, batch_size=batch_size)
         if log is not None:
             log(f"{first}={x:.3f}: {first} {shares[first]:.3f}, {second} {shares[second]:.3f}")
         return shares[first], shares[second]
