@@ -107,6 +107,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_personas(args: argparse.Namespace) -> int:
     _require_model_folder(args.model)  # the input first, before the slow imports
     weights = _parse_weights(args.weights) if args.action == "blend" else None
+    if args.calibrate and args.action != "blend":
+        raise UsageError("--calibrate applies to `personas blend` only.")
+    if args.calibrate:
+        return _calibrated_blend(args, weights)
 
     from transformers import AutoTokenizer
 
@@ -127,8 +131,57 @@ def cmd_personas(args: argparse.Namespace) -> int:
         model.add_persona(args.name, blend=weights, tokenizer=tokenizer)
     elif args.action == "remove":
         model.remove_persona(args.name)
-    save_folder_atomically(model, tokenizer, args.model)
+    save_folder_atomically(model, tokenizer, args.model, keep_other_files=True)
     print(f"saved {args.model}: {model.config.persona_names}")
+    return 0
+
+
+def _calibrated_blend(args: argparse.Namespace, weights: dict[str, float]) -> int:
+    """`personas blend --calibrate`: weights balanced by the selection judge on the shipped training turns,
+    saved as a persona; with the parents' LoRA sub-personalities, their blend is saved as its adapter."""
+    from personaweave.data import load_persona_dialogues, shipped_dataset_dir
+    from personaweave.evaluation.judges import SelectionJudge
+    from personaweave.files import save_folder_atomically
+    from personaweave.loading import load_model
+    from personaweave.models import PersonaWeaveForCausalLM
+    from personaweave.models.personas import describe_blend, normalise_blend
+    from personaweave.sub_personalities import blend_sub_personalities, save_sub_personalities, sub_personalities
+    from personaweave.training import blend_calibration
+
+    model, tokenizer, peft = load_model(args.model)
+    bank = model.personas
+    try:
+        requested = normalise_blend(weights, bank.names)
+    except (KeyError, ValueError) as err:
+        raise UsageError(str(err).strip('"')) from None
+    if args.name in bank.names:
+        raise UsageError(f"Persona {args.name!r} already exists; remove it first.")
+    if any(not bank[p].examples for p in requested):
+        raise UsageError(f"--calibrate needs example lines for each parent ({sorted(requested)}): the selection "
+                         "judge reads replies against them.")
+    judged = [p for p in bank if p.examples and not p.blend]
+    judge = SelectionJudge.from_personas(judged)
+    turns = list(dict.fromkeys(load_persona_dialogues("train", shipped_dataset_dir("persona_dialogues_v2"))["prompt"]))
+    turns = turns[:args.calibration_turns]
+    adapters = peft is not None and set(requested) <= set(sub_personalities(peft))
+    try:
+        result = blend_calibration.calibrate_blend(
+            model, tokenizer, args.name, requested, judge, turns, peft=peft, adapters=adapters,
+            rounds=args.calibration_rounds, log=lambda line: print(f"calibrating: {line}", flush=True))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    # the master is saved from a clean copy: the loaded one carries the LoRA layers peft injected
+    master = PersonaWeaveForCausalLM.from_pretrained(args.model)
+    master.add_persona(args.name, blend=result.weights, tokenizer=tokenizer,
+                       description=describe_blend(requested, {p: bank[p].description for p in requested}))
+    if adapters:
+        blend_sub_personalities(peft, result.weights, name=args.name, activate=False)
+        save_sub_personalities(peft, args.model, [args.name])
+    save_folder_atomically(master, tokenizer, args.model, keep_other_files=True)
+    shares = result.to_dict()["shares"]
+    print(f"saved {args.model}: {args.name} = {result.weights} (asked {requested}; "
+          f"{'tokens + LoRA' if adapters else 'tokens'}; selection judge on {len(turns)} training turns: "
+          + ", ".join(f"{p} {s:.0%}" for p, s in shares.items()) + ")")
     return 0
 
 
@@ -538,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("weights", nargs="*", help="for blend: NAME=WEIGHT ...")
     p.add_argument("--description", help="for add: the persona's description")
+    p.add_argument("--calibrate", action="store_true",
+                   help="for blend (two parents): find the weights at which replies read as each parent in the asked "
+                        "proportion (selection judge, shipped training turns; minutes on CPU); with the parents' "
+                        "LoRA sub-personalities their blend is saved as the new persona's adapter")
+    p.add_argument("--calibration-turns", type=int, default=32, help="training turns to generate replies to")
+    p.add_argument("--calibration-rounds", type=int, default=5, help="bisection rounds")
     p.set_defaults(func=cmd_personas)
 
     p = sub.add_parser("demo", help="replies of three personas and a blend, side by side")

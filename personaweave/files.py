@@ -7,11 +7,17 @@ import shutil
 import tempfile
 from typing import Any
 
+WEIGHT_FILES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
-def save_folder_atomically(model: Any, tokenizer: Any, directory: str | os.PathLike, **save_kwargs: Any) -> str:
+
+def save_folder_atomically(model: Any, tokenizer: Any, directory: str | os.PathLike, *, keep_other_files: bool = False,
+                           **save_kwargs: Any) -> str:
     """`save_pretrained` model and tokenizer into a temp folder beside `directory`, then swap it in.
 
-    If anything fails, `directory` keeps its previous content (or does not exist).
+    If anything fails, `directory` keeps its previous content (or does not exist). With `keep_other_files`
+    (rewriting a model folder in place), what the save did not write is copied over from the old folder:
+    `adapters/`, the model card, ...; old top-level weight files are not (the new weights replace them, even
+    when sharded differently).
     """
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -21,6 +27,15 @@ def save_folder_atomically(model: Any, tokenizer: Any, directory: str | os.PathL
         model.save_pretrained(tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if keep_other_files and os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                old, new = os.path.join(directory, entry), os.path.join(tmp, entry)
+                if os.path.lexists(new) or (os.path.isfile(old) and entry.endswith(WEIGHT_FILES)):
+                    continue
+                if os.path.isdir(old) and not os.path.islink(old):
+                    shutil.copytree(old, new, symlinks=True)
+                else:
+                    shutil.copy2(old, new, follow_symlinks=False)
         replace_folder(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -113,3 +113,34 @@ def test_chat_answers_with_the_personas_lora_sub_personality(tmp_path, capsys):
     for flags, expected in (([], with_lora), (["--no-adapters"], without)):
         assert main(["chat", "--model", str(folder), "--persona", "robot", "--max-new-tokens", "6", *flags, "hello"]) == 0
         assert capsys.readouterr().out == f"robot> {expected}\n", flags
+
+
+def folder_with_adapters(tmp_path):
+    """A saved tiny model with robot and pirate LoRA sub-personalities and a model card."""
+    from test_adapters import CONFIG, perturb
+
+    from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
+
+    model, tok = make_persona_model()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
+    peft = add_sub_personality(peft, "pirate", lora_config(**CONFIG))
+    perturb(peft, "robot", 0)
+    perturb(peft, "pirate", 1)
+    save_sub_personalities(peft, str(folder))
+    (folder / "README.md").write_text("my model card")
+    return folder
+
+
+def test_editing_personas_keeps_the_folders_adapters_and_card(tmp_path):
+    """`personas add/blend/remove` rewrite the master: the LoRA sub-personalities and other files stay."""
+    folder = folder_with_adapters(tmp_path)
+    adapters = sorted(p.name for p in (folder / "adapters").iterdir())
+    weights = (folder / "adapters" / "robot" / "adapter_model.safetensors").read_bytes()
+    assert main(["personas", "blend", str(folder), "mix", "robot=0.7", "pirate=0.3"]) == 0
+    assert main(["personas", "remove", str(folder), "mix"]) == 0
+    assert sorted(p.name for p in (folder / "adapters").iterdir()) == adapters == ["pirate", "robot"]
+    assert (folder / "adapters" / "robot" / "adapter_model.safetensors").read_bytes() == weights
+    assert (folder / "README.md").read_text() == "my model card"

@@ -180,3 +180,21 @@ def test_bfloat16_is_only_called_fast_where_the_cpu_has_it(monkeypatch):
     assert not cpu_has_fast_bfloat16()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert cpu_has_fast_bfloat16()
+
+
+def test_rewriting_a_folder_in_place_keeps_other_files_but_not_stale_weights(tmp_path):
+    """`keep_other_files`: adapters and a model card survive a rewrite; a weight file the new save did not
+    write (e.g. an old unsharded `pytorch_model.bin`) does not; without the flag the folder is replaced whole."""
+    model, tok = make_persona_model()
+    folder = tmp_path / "model"
+    save_folder_atomically(model, tok, folder)
+    (folder / "adapters" / "robot").mkdir(parents=True)
+    (folder / "adapters" / "robot" / "adapter_config.json").write_text("{}")
+    (folder / "README.md").write_text("card")
+    (folder / "pytorch_model.bin").write_bytes(b"stale")
+    save_folder_atomically(model, tok, folder, keep_other_files=True)
+    assert (folder / "adapters" / "robot" / "adapter_config.json").read_text() == "{}"
+    assert (folder / "README.md").read_text() == "card"
+    assert not (folder / "pytorch_model.bin").exists() and (folder / "model.safetensors").exists()
+    save_folder_atomically(model, tok, folder)
+    assert not (folder / "adapters").exists() and not (folder / "README.md").exists()

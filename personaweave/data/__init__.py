@@ -21,8 +21,9 @@ SPLITS = ("train", "validation", "test")
 UNKNOWN_TRAITS = [float("nan")] * len(TRAITS)
 
 
-def shipped_dataset_dir() -> str:
-    return str(resources.files("personaweave.data").joinpath("persona_dialogues"))
+def shipped_dataset_dir(name: str = "persona_dialogues") -> str:
+    """A dataset folder shipped in the package: `persona_dialogues` (v1), `persona_dialogues_v2` (best-of-N)."""
+    return str(resources.files("personaweave.data").joinpath(name))
 
 
 def _load_parquet_splits(files: dict[str, str]):
