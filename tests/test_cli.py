@@ -144,3 +144,72 @@ def test_editing_personas_keeps_the_folders_adapters_and_card(tmp_path):
     assert sorted(p.name for p in (folder / "adapters").iterdir()) == adapters == ["pirate", "robot"]
     assert (folder / "adapters" / "robot" / "adapter_model.safetensors").read_bytes() == weights
     assert (folder / "README.md").read_text() == "my model card"
+
+
+def test_calibrated_blend_is_saved_with_its_weights_and_blended_adapter(tmp_path, monkeypatch, capsys):
+    """`personas blend --calibrate`: the weights calibration returns mix the vectors and the parents'
+    adapters; the blend is saved as a persona with that adapter; the master keeps no LoRA layers."""
+    import torch
+    from test_adapters import CONFIG, perturb
+
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import (
+        add_sub_personality,
+        blend_sub_personalities,
+        lora_config,
+        save_sub_personalities,
+    )
+    from personaweave.testing import tiny_persona_model
+    from personaweave.training import blend_calibration
+
+    model, tok = tiny_persona_model()  # the default personas, with their example lines
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
+    peft = add_sub_personality(peft, "pirate", lora_config(**CONFIG))
+    perturb(peft, "robot", 0)
+    perturb(peft, "pirate", 1)
+    save_sub_personalities(peft, str(folder))
+
+    # a real (tiny) run end to end: generation, the selection judge, the save
+    assert main(["personas", "blend", str(folder), "smoke", "robot=0.5", "pirate=0.5", "--calibrate",
+                 "--calibration-turns", "3", "--calibration-rounds", "1"]) == 0
+    assert "smoke" in [p["name"] for p in json.loads((folder / "config.json").read_text())["personas"]]
+    assert (folder / "adapters" / "smoke").is_dir()
+
+    calls = []
+
+    def fixed(model, tokenizer, name, weights, judge, turns, **kwargs):
+        calls.append((name, weights, len(turns), kwargs["adapters"], kwargs["rounds"]))
+        return blend_calibration.BlendCalibration(dict(weights), {"robot": 0.3, "pirate": 0.7},
+                                                  [blend_calibration.BlendProbe(0.3, 0.4, 0.4)])
+
+    monkeypatch.setattr(blend_calibration, "calibrate_blend", fixed)
+    assert main(["personas", "blend", str(folder), "mix", "robot=1", "pirate=1", "--calibrate",
+                 "--calibration-turns", "5", "--calibration-rounds", "2"]) == 0
+    assert calls == [("mix", {"robot": 0.5, "pirate": 0.5}, 5, True, 2)]
+    assert "mix = {'robot': 0.3, 'pirate': 0.7}" in capsys.readouterr().out
+    saved, tok, saved_peft = load_model(str(folder))
+    entry = next(p for p in saved.config.personas if p["name"] == "mix")
+    assert entry["blend"] == {"robot": 0.3, "pirate": 0.7}
+    vectors = dict(zip(saved.config.persona_names, saved.persona_vectors))
+    torch.testing.assert_close(vectors["mix"], 0.3 * vectors["robot"] + 0.7 * vectors["pirate"])
+    blend_sub_personalities(saved_peft, {"robot": 0.3, "pirate": 0.7}, name="by_hand", activate=False)
+    state = saved_peft.state_dict()
+    for key in [k for k in state if ".mix." in k]:
+        torch.testing.assert_close(state[key], state[key.replace(".mix.", ".by_hand.")])
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert not [k for k in handle.keys() if "lora" in k]
+
+
+def test_calibrate_needs_example_lines_and_a_blend(tmp_path, capsys):
+    folder = folder_with_adapters(tmp_path)  # robot and pirate without example lines
+    before = (folder / "config.json").read_text()
+    with pytest.raises(SystemExit, match="example lines"):
+        main(["personas", "blend", str(folder), "mix", "robot=0.5", "pirate=0.5", "--calibrate"])
+    with pytest.raises(SystemExit, match="applies to"):
+        main(["personas", "remove", str(folder), "robot", "--calibrate"])
+    assert (folder / "config.json").read_text() == before
