@@ -268,7 +268,8 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             print(f"{row:16} acc {ev['persona_accuracy']:.3f}  rel {ev['relevance']:.3f}  flu {ev['fluency']:.3f}  "
                   f"| selection acc {result['selection_judge']['persona_accuracy']:.3f}", flush=True)
         else:
-            print(f"{row:16} " + "  ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "replies"), flush=True)
+            print(f"{row:16} " + "  ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
+                  + f"  weights {result['weights']}", flush=True)
     return report
 
 

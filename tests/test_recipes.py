@@ -316,3 +316,55 @@ def test_persona_quality_compare_model_and_blended_loras(tmp_path, monkeypatch, 
         assert lora["parent_share"] == pytest.approx(lora[f"share_{a}"] + lora[f"share_{b}"])
     with pytest.raises(SystemExit, match="nothing to compare"):
         run(first, "c.json", ["prompt_baseline"], compare=second)
+
+
+def test_persona_quality_calibrated_blends_use_training_turns_and_their_weights(tmp_path, monkeypatch, hash_encoder):
+    """`--calibrate_blends`: calibration sees training turns only (never the held-out ones) and the
+    selection judge (never the evaluation judge); the calibrated rows generate with the weights it returns,
+    for the tokens and the parents' LoRAs alike."""
+    import pandas as pd
+
+    import personaweave.encoders
+    from personaweave.evaluation.judges import SelectionJudge
+    from personaweave.training import blend_calibration
+
+    monkeypatch.setattr(personaweave.encoders, "default_encoder", lambda *a, **k: hash_encoder)
+    recipe = load_recipe("persona_quality")
+    monkeypatch.setattr(recipe, "trim_to_sentence", lambda text: text)
+    folder = _persona_quality_folder(tmp_path / "a", 1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    test_turns, train_turns = ["what should i read", "what should i cook tonight"], ["i read", "cook what"]
+    rows = [{"split": split, "prompt": turn, "persona": "pirate", "sample": 0, "score": 0.0, "reply_trimmed": "r."}
+            for split, turns in (("test", test_turns), ("train", train_turns)) for turn in turns]
+    pd.DataFrame(rows).to_parquet(shards / "judged-000.parquet")
+    calls = []
+
+    def fixed(model, tokenizer, name, weights, judge, turns, **kwargs):
+        calls.append((name, sorted(turns), type(judge), kwargs["adapters"]))
+        first, second = weights
+        return blend_calibration.BlendCalibration(dict(weights), {first: 0.3, second: 0.7},
+                                                  [blend_calibration.BlendProbe(0.3, 0.5, 0.5)])
+
+    monkeypatch.setattr(blend_calibration, "calibrate_blend", fixed)
+    args = recipe.PersonaQualityArguments(shards=str(shards), model=folder, max_turns=2, max_new_tokens=4,
+                                          batch_size=8, rows=["blends", "blends_lora"], calibrate_blends=True,
+                                          output=str(tmp_path / "out.json"))
+    table = recipe.main(args)["rows"]
+    assert [(c[1], c[2], c[3]) for c in calls] == [(sorted(train_turns), SelectionJudge, False)] * 2 + [
+        (sorted(train_turns), SelectionJudge, True)] * 2
+    from personaweave.chat import chat
+    from personaweave.generation import generate_replies
+    from personaweave.loading import load_model
+    from personaweave.sub_personalities import blend_sub_personalities
+
+    model, tok, peft = load_model(folder)
+    for a, b in (("librarian", "robot"), ("pirate", "butler")):
+        row = table[f"blend_{a}_{b}_calibrated_lora"]
+        assert row["weights"] == {a: 0.3, b: 0.7} and row["calibration"]["weights"] == {a: 0.3, b: 0.7}
+        model.add_persona(f"by_hand_{a}", blend={a: 0.3, b: 0.7}, tokenizer=tok)
+        blend_sub_personalities(peft, {a: 0.3, b: 0.7}, name=f"check_{a}_{b}")
+        out = generate_replies(peft, tok, [chat(f"by_hand_{a}", t, model=model) for t in test_turns],
+                               max_new_tokens=4, **recipe.DECODING)
+        assert row["replies"] == out.texts
+        assert table[f"blend_{a}_{b}_calibrated"]["weights"] == {a: 0.3, b: 0.7}
