@@ -115,13 +115,14 @@ def test_chat_answers_with_the_personas_lora_sub_personality(tmp_path, capsys):
         assert capsys.readouterr().out == f"robot> {expected}\n", flags
 
 
-def folder_with_adapters(tmp_path):
-    """A saved tiny model with robot and pirate LoRA sub-personalities and a model card."""
+def folder_with_adapters(tmp_path, model_and_tokenizer=None):
+    """A saved tiny model (default: robot and pirate without example lines) with robot and pirate LoRA
+    sub-personalities and a model card."""
     from test_adapters import CONFIG, perturb
 
     from personaweave.sub_personalities import add_sub_personality, lora_config, save_sub_personalities
 
-    model, tok = make_persona_model()
+    model, tok = model_and_tokenizer or make_persona_model()
     folder = tmp_path / "m"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -150,27 +151,13 @@ def test_calibrated_blend_is_saved_with_its_weights_and_blended_adapter(tmp_path
     """`personas blend --calibrate`: the weights calibration returns mix the vectors and the parents'
     adapters; the blend is saved as a persona with that adapter; the master keeps no LoRA layers."""
     import torch
-    from test_adapters import CONFIG, perturb
 
     from personaweave.loading import load_model
-    from personaweave.sub_personalities import (
-        add_sub_personality,
-        blend_sub_personalities,
-        lora_config,
-        save_sub_personalities,
-    )
+    from personaweave.sub_personalities import blend_sub_personalities
     from personaweave.testing import tiny_persona_model
     from personaweave.training import blend_calibration
 
-    model, tok = tiny_persona_model()  # the default personas, with their example lines
-    folder = tmp_path / "m"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
-    peft = add_sub_personality(peft, "pirate", lora_config(**CONFIG))
-    perturb(peft, "robot", 0)
-    perturb(peft, "pirate", 1)
-    save_sub_personalities(peft, str(folder))
+    folder = folder_with_adapters(tmp_path, tiny_persona_model())  # the default personas, with example lines
 
     # a real (tiny) run end to end: generation, the selection judge, the save
     assert main(["personas", "blend", str(folder), "smoke", "robot=0.5", "pirate=0.5", "--calibrate",
