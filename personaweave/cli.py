@@ -150,10 +150,7 @@ def _calibrated_blend(args: argparse.Namespace, weights: dict[str, float]) -> in
 
     model, tokenizer, peft = load_model(args.model)
     bank = model.personas
-    try:
-        requested = normalise_blend(weights, bank.names)
-    except (KeyError, ValueError) as err:
-        raise UsageError(str(err).strip('"')) from None
+    requested = normalise_blend(weights, bank.names)  # an unknown name or bad weight: exit 2 via main()
     if args.name in bank.names:
         raise UsageError(f"Persona {args.name!r} already exists; remove it first.")
     if any(not bank[p].examples for p in requested):
@@ -164,20 +161,18 @@ def _calibrated_blend(args: argparse.Namespace, weights: dict[str, float]) -> in
     turns = list(dict.fromkeys(load_persona_dialogues("train", shipped_dataset_dir("persona_dialogues_v2"))["prompt"]))
     turns = turns[:args.calibration_turns]
     adapters = peft is not None and set(requested) <= set(sub_personalities(peft))
-    try:
-        result = blend_calibration.calibrate_blend(
-            model, tokenizer, args.name, requested, judge, turns, peft=peft, adapters=adapters,
-            rounds=args.calibration_rounds, log=lambda line: print(f"calibrating: {line}", flush=True))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    result = blend_calibration.calibrate_blend(
+        model, tokenizer, args.name, requested, judge, turns, peft=peft, adapters=adapters,
+        rounds=args.calibration_rounds, log=lambda line: print(f"calibrating: {line}", flush=True))
     # the master is saved from a clean copy: the loaded one carries the LoRA layers peft injected
     master = PersonaWeaveForCausalLM.from_pretrained(args.model)
     master.add_persona(args.name, blend=result.weights, tokenizer=tokenizer,
                        description=describe_blend(requested, {p: bank[p].description for p in requested}))
     if adapters:
         blend_sub_personalities(peft, result.weights, name=args.name, activate=False)
+    save_folder_atomically(master, tokenizer, args.model, keep_other_files=True)  # keeps the parents' adapters
+    if adapters:  # after the master: a persona without its adapter still answers, an orphan adapter does not
         save_sub_personalities(peft, args.model, [args.name])
-    save_folder_atomically(master, tokenizer, args.model, keep_other_files=True)
     shares = result.to_dict()["shares"]
     print(f"saved {args.model}: {args.name} = {result.weights} (asked {requested}; "
           f"{'tokens + LoRA' if adapters else 'tokens'}; selection judge on {len(turns)} training turns: "

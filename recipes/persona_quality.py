@@ -125,13 +125,13 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
 
     bank = {p.name: p for p in personas}
 
-    def calibration_turns() -> list[str]:
-        """Training turns for blend calibration, drawn with a fixed seed: the held-out turns never take part."""
+    calibration_turns: list[str] = []
+    if args.calibrate_blends:  # training turns drawn with a fixed seed: the held-out turns never take part
         import random
 
-        _, train_turns = held_out_candidates(args.shards, "train", 10**6)
-        random.Random(0).shuffle(train_turns)
-        return train_turns[:args.calibration_turns]
+        _, calibration_turns = held_out_candidates(args.shards, "train", 10**6)
+        random.Random(0).shuffle(calibration_turns)
+        calibration_turns = calibration_turns[:args.calibration_turns]
     if "prompt_baseline" in args.rows:
         start = time.time()
         with master_only(peft):
@@ -227,7 +227,7 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
                     if name in model.config.persona_names:
                         model.remove_persona(name)
                     calibration = calibrate_blend(
-                        model, tokenizer, name, weights, selection, calibration_turns(), rounds=args.calibration_rounds,
+                        model, tokenizer, name, weights, selection, calibration_turns, rounds=args.calibration_rounds,
                         peft=peft, adapters=row == "blends_lora", max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, log=lambda line, key=key: print(f"calibrating {key}: {line}", flush=True))
                     timing[f"calibrate_{key}"] = time.time() - start

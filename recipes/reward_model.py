@@ -108,8 +108,8 @@ def pairs(script: RewardModelArguments, split: str, cap: Optional[int], seed: in
 def pairwise_accuracy(model: Any, tokenizer: Any, data, batch_size: int = 16, max_length: int = 512
                       ) -> dict[str, Any]:
     """Share of pairs whose chosen reply scores above the rejected one, overall, per persona and (when
-    the pairs have a `source` column) per kind of pair. Pairs longer than `max_length` tokens are left out, as RewardTrainer leaves them out of training
-    (truncating would cut the reply's end, where the score is read)."""
+    the pairs have a `source` column) per kind of pair. Pairs longer than `max_length` tokens are left out,
+    as RewardTrainer leaves them out of training (truncating would cut the reply's end, where the score is read)."""
     model.eval()
     length = lambda row, column: len(tokenizer.apply_chat_template(row["prompt"] + row[column]))  # noqa: E731
     data = data.filter(lambda row: max(length(row, "chosen"), length(row, "rejected")) <= max_length)
