@@ -5,7 +5,10 @@ persona), cuts each reply back to its last complete sentence, scores every candi
 *selection* judge (`personaweave.evaluation.judges.SelectionJudge`: the personas' example lines,
 relevance, bare-base fluency, penalties), and keeps for each (turn, persona):
 - the best candidate as the SFT reply, if its score clears `--threshold` and it has no hard defect;
-- (best, worst) as a preference pair when their scores differ by at least `--pair_margin`.
+- (best, worst) as a preference pair when their scores differ by at least `--pair_margin`; or, with
+  `--pair_by persona`, (the most in-character candidate among the on-topic half, the least in-character
+  candidate) when their persona probabilities differ by at least `--persona_gap`: pairs that contrast persona
+  evidence alone, neither side with a hard defect, the chosen side at least as relevant as the median candidate.
 The evaluation anchors are never read here (tests/test_judges.py checks it).
 
 Judged shards are cached beside the candidates (`judged-XXXXX.parquet`), so re-running after new
@@ -50,8 +53,31 @@ def judge_shard(path: str, judge, out_path: str):
     return frame
 
 
-def select(frame, threshold: float, pair_margin: float, persona_set: str = "default"):
-    """(sft rows, preference rows, counts) from judged candidates."""
+PAIR_BY = ("score", "persona")
+
+
+def persona_pair(clean, persona_gap: float):
+    """(chosen, rejected) candidates contrasting persona evidence, or None.
+
+    Chosen: the highest selection-judge persona probability among the defect-free candidates at least as relevant
+    as their median; rejected: the lowest persona probability among the defect-free candidates.
+    """
+    if len(clean) < 2:
+        return None
+    on_topic = clean[clean["relevance"] >= clean["relevance"].median()]
+    chosen = on_topic.sort_values("persona_prob", ascending=False).iloc[0]
+    rejected = clean.sort_values("persona_prob").iloc[0]
+    if (float(chosen["persona_prob"]) - float(rejected["persona_prob"]) < persona_gap
+            or chosen["reply_trimmed"] == rejected["reply_trimmed"]):
+        return None
+    return chosen, rejected
+
+
+def select(frame, threshold: float, pair_margin: float, persona_set: str = "default", pair_by: str = "score",
+           persona_gap: float = 0.3):
+    """(sft rows, preference rows, counts) from judged candidates; `pair_by` is one of `PAIR_BY`."""
+    if pair_by not in PAIR_BY:
+        raise ValueError(f"pair_by must be one of {PAIR_BY}, not {pair_by!r}")
     from personaweave.models.personas import TRAITS
     from personaweave.zoo import load_persona_set
 
@@ -80,11 +106,20 @@ def select(frame, threshold: float, pair_margin: float, persona_set: str = "defa
                         "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt},
                                      {"role": "assistant", "content": best["reply_trimmed"]}]})
             worst = ranked.iloc[-1]
-            if float(best["score"]) - float(worst["score"]) >= pair_margin and worst["reply_trimmed"] != best["reply_trimmed"]:
-                counts["pairs"] += 1
-                pairs.append({**base, "chosen": best["reply_trimmed"], "rejected": worst["reply_trimmed"],
-                              "chosen_score": float(best["score"]), "rejected_score": float(worst["score"])})
+            if (pair_by == "score" and float(best["score"]) - float(worst["score"]) >= pair_margin
+                    and worst["reply_trimmed"] != best["reply_trimmed"]):
+                pairs.append(preference_row(base, best, worst))
+        if pair_by == "persona" and (pair := persona_pair(clean, persona_gap)) is not None:
+            pairs.append(preference_row(base, *pair))
+    counts["pairs"] = len(pairs)
     return sft, pairs, counts
+
+
+def preference_row(base: dict, chosen, rejected) -> dict:
+    return {**base, "chosen": chosen["reply_trimmed"], "rejected": rejected["reply_trimmed"],
+            "chosen_score": float(chosen["score"]), "rejected_score": float(rejected["score"]),
+            "chosen_persona_prob": float(chosen["persona_prob"]),
+            "rejected_persona_prob": float(rejected["persona_prob"])}
 
 CARD = """---
 license: cc-by-4.0
@@ -121,7 +156,7 @@ configs:
 
 Real user turns answered in character by {personas}; for each
 (user turn, persona) the reply is the **best of {num_samples} sampled replies** of the prompted base
-model, chosen by the *selection judge*, and (best, worst) form a preference pair.
+model, chosen by the *selection judge*, and {pair_kind} form a preference pair.
 
 ## How it was made
 
@@ -135,7 +170,7 @@ model, chosen by the *selection judge*, and (best, worst) form a preference pair
   (sentence-embedding similarity), plus a relevance term, minus penalties for low bare-base
   fluency, repetition loops, empty or cut-off replies and restating the description. Kept: the best
   candidate if its score is at least {threshold} and it has no hard defect
-  ({kept} of {groups} groups, acceptance {acceptance:.1%}); a pair when best - worst >= {pair_margin}.
+  ({kept} of {groups} groups, acceptance {acceptance:.1%}); {pair_rule}.
 - The evaluation judge's held-out anchor lines were never read (a test checks it).
 
 | split | SFT rows | preference pairs |
@@ -163,13 +198,20 @@ CARD_PERSONAS = {
 
 def write_card(stats: dict, out: str) -> None:
     gen = stats["generation"]
+    if stats.get("pair_by", "score") == "persona":
+        pair_kind = "(most, least in-character) candidates"
+        pair_rule = (f"a pair: the highest persona probability among the defect-free candidates at least as relevant "
+                     f"as their median vs the lowest persona probability among the defect-free candidates, when "
+                     f"they differ by >= {stats['persona_gap']}")
+    else:
+        pair_kind, pair_rule = "(best, worst)", f"a pair when best - worst >= {stats['pair_margin']}"
     text = CARD.format(
         num_samples=gen.get("num_samples"), turns=stats["turns"], sources=", ".join(gen.get("sources", [])),
         split_turns=", ".join(f"{k} {v}" for k, v in stats["turns_per_split"].items()),
         temperature=gen.get("temperature"), top_p=gen.get("top_p"), repetition_penalty=gen.get("repetition_penalty"),
         max_new_tokens=gen.get("max_new_tokens"), candidates=stats["candidates"], new_tokens=stats["new_tokens"],
         threshold=stats["threshold"], kept=stats["kept"], groups=stats["groups"], acceptance=stats["acceptance_rate"],
-        pair_margin=stats["pair_margin"], **CARD_PERSONAS[gen.get("personas", "default")],
+        pair_kind=pair_kind, pair_rule=pair_rule, **CARD_PERSONAS[gen.get("personas", "default")],
         dtypes=", ".join(f"{dtype} ({n} candidates)" for dtype, n in stats.get("dtypes", {}).items()) or "float32",
         split_rows="\n".join(f"| {s} | {stats['rows'][s]} | {stats['pairs_per_split'][s]} |" for s in SPLITS),
         sel_persona=stats["mean_selected"].get("persona_prob", float("nan")),
@@ -188,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="personaweave/data/persona_dialogues_v2")
     parser.add_argument("--threshold", type=float, default=0.25,
                         help="minimum selection score of the kept reply (see SelectionJudge)")
-    parser.add_argument("--pair_margin", type=float, default=0.2)
+    parser.add_argument("--pair_margin", type=float, default=0.2,
+                        help="--pair_by score: minimum selection-score gap of a (best, worst) pair")
+    parser.add_argument("--pair_by", choices=PAIR_BY, default="score",
+                        help="score: (best, worst) by the selection score; persona: pairs contrasting persona evidence")
+    parser.add_argument("--persona_gap", type=float, default=0.3,
+                        help="--pair_by persona: minimum persona-probability gap of a pair")
     parser.add_argument("--judge_first", nargs="*", default=["train"],
                         help="judge unjudged shards holding these splits first")
     parser.add_argument("--max_judge", type=int, default=None,
@@ -240,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if "origin" not in frame:
         frame["origin"] = "base:prompted"
     frame["origin"] = frame["origin"].fillna("base:prompted")
-    sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set)
+    sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set, args.pair_by, args.persona_gap)
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     for split in SPLITS:
@@ -253,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
              "turns": int(frame["prompt"].nunique()),
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
-             "threshold": args.threshold, "pair_margin": args.pair_margin, "generation": settings,
+             "threshold": args.threshold, "pair_margin": args.pair_margin, "pair_by": args.pair_by,
+             "persona_gap": args.persona_gap if args.pair_by == "persona" else None, "generation": settings,
              "dtypes": frame["dtype"].value_counts().to_dict() if "dtype" in frame else {},
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())

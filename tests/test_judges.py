@@ -122,6 +122,39 @@ def test_selection_pipeline_never_opens_the_anchors(tmp_path, monkeypatch):
     assert not any("eval_anchors" in path for path in opened)
 
 
+def _judged_group(candidates, prompt="What should I read?", persona="pirate"):
+    """A judged candidate frame for one (turn, persona): (reply, score, persona_prob, relevance, hard_defect)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"prompt": prompt, "persona": persona, "source": "test", "split": "train",
+                          "reply_trimmed": reply, "score": score, "persona_prob": prob, "relevance": rel,
+                          "fluency": -2.0, "hard_defect": defect}
+                         for reply, score, prob, rel, defect in candidates])
+
+
+def test_persona_pairs_contrast_persona_evidence_on_topic():
+    build = _script("build_persona_dialogues_v2")
+    frame = _judged_group([
+        ("off-topic but very piratey", 0.30, 0.99, 0.05, False),   # most in character, least relevant
+        ("on-topic and piratey", 0.60, 0.80, 0.50, False),         # the chosen side
+        ("on-topic, bland", 0.55, 0.10, 0.60, False),
+        ("bland and a little off", 0.20, 0.05, 0.30, False),       # the rejected side
+        ("short, a bit salty", 0.10, 0.40, 0.35, False),           # lowest score, not least in character
+        ("broken loop loop loop", -1.0, 0.00, 0.40, True),         # hard defect: never a side
+    ])
+    _, pairs, counts = build.select(frame, threshold=-10.0, pair_margin=0.0, pair_by="persona", persona_gap=0.3)
+    assert counts["pairs"] == 1
+    assert pairs[0]["chosen"] == "on-topic and piratey" and pairs[0]["rejected"] == "bland and a little off"
+    assert pairs[0]["chosen_persona_prob"] == 0.80 and pairs[0]["rejected_persona_prob"] == 0.05
+    # by score, the same group pairs the best against the defective worst
+    _, by_score, _ = build.select(frame, threshold=-10.0, pair_margin=0.0)
+    assert (by_score[0]["chosen"], by_score[0]["rejected"]) == ("on-topic and piratey", "broken loop loop loop")
+    # a gap below persona_gap is no pair; an unknown pairing is an error
+    assert build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.8)[1] == []
+    with pytest.raises(ValueError, match="pair_by"):
+        build.select(frame, -10.0, 0.0, pair_by="vibes")
+
+
 def test_selection_judge_prefers_in_character_on_topic_replies():
     personas = load_default_personas()
     judge = SelectionJudge.from_personas(personas, encoder=BagOfWordsEncoder())
