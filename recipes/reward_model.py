@@ -150,8 +150,7 @@ license: apache-2.0
 # PersonaWeave persona reward model
 
 A `{arch}` with one output (`num_labels=1`) trained with TRL's `RewardTrainer` on persona
-preference pairs from the PersonaWeave persona dialogues: the persona stated in a system turn,
-chosen = that persona's reply, rejected = another persona's reply to the same user turn.
+preference pairs from the PersonaWeave persona dialogues, the persona stated in a system turn: {pairs}.
 
 Pairwise accuracy on {num_pairs} held-out pairs (test split): **{acc:.1%}**.
 
@@ -159,9 +158,25 @@ Pairwise accuracy on {num_pairs} held-out pairs (test split): **{acc:.1%}**.
 |---|---|
 {rows}
 
+| kind of pair | pairwise accuracy |
+|---|---|
+{source_rows}
+
 Score a reply: apply the chat template to `[system, user, assistant]` messages and read `logits[0, 0]`;
 higher = more in character for the stated persona. Trained {steps} steps; see `eval.json`.
 """
+
+
+PAIR_DESCRIPTIONS = {
+    "persona_swap": "chosen = that persona's reply, rejected = another persona's reply to the same user turn",
+    "best_worst": "chosen / rejected = the selection judge's best / worst of N sampled replies of that persona",
+}
+
+
+def describe_pairs(script: RewardModelArguments) -> str:
+    """The card's sentence on what the pairs were (one kind, or best/worst plus persona-swap pairs)."""
+    kinds = [script.pair_source] + (["persona_swap"] if script.mix_persona_swap else [])
+    return "; and ".join(PAIR_DESCRIPTIONS[kind] for kind in kinds)
 
 
 def evaluate_only(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
@@ -205,8 +220,11 @@ def main(script: RewardModelArguments, args: RewardConfig) -> dict[str, Any]:
         save_folder_atomically(model, tokenizer, final)
         rows = "\n".join(f"| {p} | {a:.1%} |" for p, a in report["per_persona"].items())
         with open(os.path.join(final, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(CARD.format(arch=type(model).__name__, num_pairs=report["num_pairs"],
-                                     acc=report["pairwise_accuracy"], rows=rows, steps=report["steps"]))
+            source_rows = "\n".join(f"| {k} | {v['pairwise_accuracy']:.1%} ({v['num_pairs']} pairs) |"
+                                     for k, v in report.get("per_source", {}).items())
+            handle.write(CARD.format(arch=type(model).__name__, pairs=describe_pairs(script),
+                                     num_pairs=report["num_pairs"], acc=report["pairwise_accuracy"], rows=rows,
+                                     source_rows=source_rows, steps=report["steps"]))
         with open(os.path.join(final, "eval.json"), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
     print(json.dumps(report, indent=1))

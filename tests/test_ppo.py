@@ -167,7 +167,9 @@ def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
     row = next(r for r in pairs if r["chosen"][0]["content"] == "pirate answer 0")
     assert row["prompt"][0] == {"role": "system", "content": "You are a pirate."}
     assert row["rejected"][0]["content"] == "meh"
+    assert "best / worst" in recipe.describe_pairs(script) and "another persona" not in recipe.describe_pairs(script)
     script.mix_persona_swap = True
+    assert "best / worst" in recipe.describe_pairs(script) and "another persona" in recipe.describe_pairs(script)
     mixed = recipe.pairs(script, "test", None, 0)
     assert len(mixed) == 12 and any(r["rejected"][0]["content"].startswith("butler") for r in mixed)
     assert {r["source"] for r in mixed if r["rejected"][0]["content"] == "meh"} == {"best_worst"}
@@ -206,6 +208,13 @@ def test_reward_model_reads_v2_best_worst_pairs(tmp_path):
     assert report["num_pairs"] == 12 and report["validation"]["num_pairs"] == 12
     assert set(report["per_source"]) == {"best_worst", "persona_swap"}
     assert not (tmp_path / "unused").exists()
+    # a one-step training run: its card says which pairs it was trained on and reports each kind
+    script.evaluate_only, script.base = None, str(tmp_path / "rm")
+    recipe.main(script, recipe.RewardConfig(output_dir=str(tmp_path / "trained"), use_cpu=True, report_to=[],
+                                            max_steps=1, per_device_train_batch_size=4, max_length=512))
+    card = (tmp_path / "trained" / "final" / "README.md").read_text()
+    assert "best / worst of N" in card and "another persona's reply" in card
+    assert "| best_worst |" in card and "| persona_swap |" in card
     with pytest.raises(SystemExit, match="pair_source"):
         recipe.pairs(recipe.RewardModelArguments(dataset_dir=str(tmp_path), pair_source="nope"), "test", None, 0)
 
