@@ -14,7 +14,8 @@ Three modes:
 
 Prompts carry only the persona's reserved tokens, not its description, so what DPO teaches must travel
 through the persona token. Pairs come from
-`datasets_scripts/build_persona_dialogues_v2.py` (`preferences_<split>.parquet`).
+`datasets_scripts/build_persona_dialogues_v2.py` (`preferences_<split>.parquet`): by default (best, worst) by the
+selection judge's whole score; built with `--pair_by persona`, pairs that contrast persona evidence alone.
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/dpo.py --config recipes/configs/dpo.yaml
     python recipes/dpo.py --config recipes/configs/dpo_smoke.yaml      # tiny random model, seconds
