@@ -56,17 +56,19 @@ def judge_shard(path: str, judge, out_path: str):
 PAIR_BY = ("score", "persona")
 
 
-def persona_pair(clean, persona_gap: float):
+def persona_pair(clean, persona_gap: float, no_less_relevant: bool = False):
     """(chosen, rejected) candidates contrasting persona evidence, or None.
 
     Chosen: the highest selection-judge persona probability among the defect-free candidates at least as relevant
-    as their median; rejected: the lowest persona probability among the defect-free candidates.
+    as their median; rejected: the lowest persona probability among the defect-free candidates (with
+    `no_less_relevant`, among those no more relevant than the chosen one, so no pair prefers a less relevant reply).
     """
     if len(clean) < 2:
         return None
     on_topic = clean[clean["relevance"] >= clean["relevance"].median()]
     chosen = on_topic.sort_values("persona_prob", ascending=False).iloc[0]
-    rejected = clean.sort_values("persona_prob").iloc[0]
+    pool = clean[clean["relevance"] <= chosen["relevance"]] if no_less_relevant else clean
+    rejected = pool.sort_values("persona_prob").iloc[0]
     if (float(chosen["persona_prob"]) - float(rejected["persona_prob"]) < persona_gap
             or chosen["reply_trimmed"] == rejected["reply_trimmed"]):
         return None
@@ -74,7 +76,7 @@ def persona_pair(clean, persona_gap: float):
 
 
 def select(frame, threshold: float, pair_margin: float, persona_set: str = "default", pair_by: str = "score",
-           persona_gap: float = 0.3):
+           persona_gap: float = 0.3, no_less_relevant: bool = False):
     """(sft rows, preference rows, counts) from judged candidates; `pair_by` is one of `PAIR_BY`."""
     if pair_by not in PAIR_BY:
         raise ValueError(f"pair_by must be one of {PAIR_BY}, not {pair_by!r}")
@@ -109,7 +111,7 @@ def select(frame, threshold: float, pair_margin: float, persona_set: str = "defa
             if (pair_by == "score" and float(best["score"]) - float(worst["score"]) >= pair_margin
                     and worst["reply_trimmed"] != best["reply_trimmed"]):
                 pairs.append(preference_row(base, best, worst))
-        if pair_by == "persona" and (pair := persona_pair(clean, persona_gap)) is not None:
+        if pair_by == "persona" and (pair := persona_pair(clean, persona_gap, no_less_relevant)) is not None:
             pairs.append(preference_row(base, *pair))
     counts["pairs"] = len(pairs)
     return sft, pairs, counts
@@ -201,8 +203,9 @@ def write_card(stats: dict, out: str) -> None:
     if stats.get("pair_by", "score") == "persona":
         pair_kind = "(most, least in-character) candidates"
         pair_rule = (f"a pair: the highest persona probability among the defect-free candidates at least as relevant "
-                     f"as their median vs the lowest persona probability among the defect-free candidates, when "
-                     f"they differ by >= {stats['persona_gap']}")
+                     f"as their median vs the lowest persona probability among the defect-free candidates"
+                     f"{' no more relevant than it' if stats.get('no_less_relevant') else ''}, when they differ by "
+                     f">= {stats['persona_gap']}")
     else:
         pair_kind, pair_rule = "(best, worst)", f"a pair when best - worst >= {stats['pair_margin']}"
     text = CARD.format(
@@ -236,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="score: (best, worst) by the selection score; persona: pairs contrasting persona evidence")
     parser.add_argument("--persona_gap", type=float, default=0.3,
                         help="--pair_by persona: minimum persona-probability gap of a pair")
+    parser.add_argument("--no_less_relevant", action="store_true",
+                        help="--pair_by persona: the rejected reply is never more relevant than the chosen one")
     parser.add_argument("--judge_first", nargs="*", default=["train"],
                         help="judge unjudged shards holding these splits first")
     parser.add_argument("--max_judge", type=int, default=None,
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if "origin" not in frame:
         frame["origin"] = "base:prompted"
     frame["origin"] = frame["origin"].fillna("base:prompted")
-    sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set, args.pair_by, args.persona_gap)
+    sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set, args.pair_by, args.persona_gap,
+                                args.no_less_relevant)
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     for split in SPLITS:
@@ -301,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
              "threshold": args.threshold, "pair_margin": args.pair_margin, "pair_by": args.pair_by,
-             "persona_gap": args.persona_gap if args.pair_by == "persona" else None, "generation": settings,
+             "persona_gap": args.persona_gap if args.pair_by == "persona" else None,
+             "no_less_relevant": args.no_less_relevant if args.pair_by == "persona" else None, "generation": settings,
              "dtypes": frame["dtype"].value_counts().to_dict() if "dtype" in frame else {},
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())

@@ -149,6 +149,12 @@ def test_persona_pairs_contrast_persona_evidence_on_topic():
     # by score, the same group pairs the best against the defective worst
     _, by_score, _ = build.select(frame, threshold=-10.0, pair_margin=0.0)
     assert (by_score[0]["chosen"], by_score[0]["rejected"]) == ("on-topic and piratey", "broken loop loop loop")
+    # no_less_relevant: the rejected side is never more relevant than the chosen one (0.50)
+    frame.loc[frame["reply_trimmed"] == "bland and a little off", "relevance"] = 0.70
+    _, kept, _ = build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3, no_less_relevant=True)
+    assert (kept[0]["chosen"], kept[0]["rejected"]) == ("on-topic and piratey", "short, a bit salty")
+    _, plain, _ = build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3)
+    assert plain[0]["rejected"] == "bland and a little off"
     # a gap below persona_gap is no pair; an unknown pairing is an error
     assert build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.8)[1] == []
     with pytest.raises(ValueError, match="pair_by"):
