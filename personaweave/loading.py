@@ -33,7 +33,8 @@ CONFIG_FILE = "persona_config.json"
 FEW_SHOT_KEYS = ("few_shot_init", "few_shot_temperature", "few_shot_offset", "few_shot_steps", "few_shot_lr")
 
 SHIPPED_CHECKPOINTS = {
-    # the 8 default personas' layer (v2 data) + their LoRA sub-personalities (DPO round 2)
+    # the 8 default personas' layer (v2 data; token-only DPO on persona-evidence pairs, session 13) + their
+    # LoRA sub-personalities (DPO round 2)
     "default": "checkpoint",
     # a layer for new descriptions: prompt-distilled over the 8 defaults + 64 composed style personas
     # (recipes/configs/distill_persona_style.yaml); no adapters
