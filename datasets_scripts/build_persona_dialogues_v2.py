@@ -8,7 +8,8 @@ relevance, bare-base fluency, penalties), and keeps for each (turn, persona):
 - (best, worst) as a preference pair when their scores differ by at least `--pair_margin`; or, with
   `--pair_by persona`, (the most in-character candidate among the on-topic half, the least in-character
   candidate) when their persona probabilities differ by at least `--persona_gap`: pairs that contrast persona
-  evidence alone, neither side with a hard defect, the chosen side at least as relevant as the median candidate.
+  evidence alone, neither side with a hard defect, the chosen side at least as relevant as the median candidate
+  (with `--no_less_relevant`, the rejected side also no more relevant than the chosen one).
 The evaluation anchors are never read here (tests/test_judges.py checks it).
 
 Judged shards are cached beside the candidates (`judged-XXXXX.parquet`), so re-running after new
@@ -122,6 +123,7 @@ def preference_row(base: dict, chosen, rejected) -> dict:
             "chosen_score": float(chosen["score"]), "rejected_score": float(rejected["score"]),
             "chosen_persona_prob": float(chosen["persona_prob"]),
             "rejected_persona_prob": float(rejected["persona_prob"])}
+
 
 CARD = """---
 license: cc-by-4.0
