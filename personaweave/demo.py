@@ -21,7 +21,9 @@ PROMPTS = [
     "What do you think about smartphones?",
 ]
 SHOWN = ["pirate", "robot", "butler"]
-BLEND = ("librarian_robot", {"librarian": 0.5, "robot": 0.5})
+# A blend of two shown personas at the weights `personaweave personas blend ... --calibrate` found for the shipped
+# checkpoint (session 13; benchmarks/RESULTS.md): on held-out turns with tokens + LoRA, 72% pirate, 25% butler.
+BLEND = ("pirate_butler", {"pirate": 0.39, "butler": 0.61})
 
 
 def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
@@ -79,6 +81,7 @@ def run_demo(base: str = SMOLLM2, model_dir: Optional[str] = None,
                                        max_new_tokens=max_new_tokens, **DECODING)
             texts += replies.texts
             tokens += replies.new_tokens
+        set_sub_personality(peft, SHOWN[0])  # deleting the active adapter makes peft warn
         peft.delete_adapter(adapter)
         columns["token + LoRA"] = texts
         timings["token + LoRA"] = Replies(texts, tokens, time.perf_counter() - start)

@@ -76,7 +76,9 @@ def test_demo_runs_end_to_end():
     for label in ("persona token:", "token + LoRA:", "prompt baseline:"):
         assert label in out, label
     token_column = demo_column(out, 0)
-    assert set(token_column) == {"pirate", "robot", "butler", "librarian_robot"}
+    from personaweave.demo import BLEND, SHOWN
+
+    assert set(token_column) == {*SHOWN, BLEND[0]} == {"pirate", "robot", "butler", "pirate_butler"}
     # the persona token alone (first column, LoRA off) makes the personas answer differently
     replies = [token_column[p] for p in ("pirate", "robot", "butler")]
     assert len(set(replies)) == 3, replies
