@@ -78,9 +78,13 @@ def persona_pair(clean, persona_gap: float, no_less_relevant: bool = False):
 
 def select(frame, threshold: float, pair_margin: float, persona_set: str = "default", pair_by: str = "score",
            persona_gap: float = 0.3, no_less_relevant: bool = False):
-    """(sft rows, preference rows, counts) from judged candidates; `pair_by` is one of `PAIR_BY`."""
-    if pair_by not in PAIR_BY:
-        raise ValueError(f"pair_by must be one of {PAIR_BY}, not {pair_by!r}")
+    """(sft rows, preference rows, counts) from judged candidates.
+
+    `pair_by`: one of `PAIR_BY`, or several (their pairs pooled; a (chosen, rejected) pair both rules make is kept once).
+    """
+    kinds = {pair_by} if isinstance(pair_by, str) else set(pair_by)
+    if not kinds or kinds - set(PAIR_BY):
+        raise ValueError(f"pair_by must be one or more of {PAIR_BY}, not {pair_by!r}")
     from personaweave.models.personas import TRAITS
     from personaweave.zoo import load_persona_set
 
@@ -109,11 +113,14 @@ def select(frame, threshold: float, pair_margin: float, persona_set: str = "defa
                         "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt},
                                      {"role": "assistant", "content": best["reply_trimmed"]}]})
             worst = ranked.iloc[-1]
-            if (pair_by == "score" and float(best["score"]) - float(worst["score"]) >= pair_margin
+            if ("score" in kinds and float(best["score"]) - float(worst["score"]) >= pair_margin
                     and worst["reply_trimmed"] != best["reply_trimmed"]):
                 pairs.append(preference_row(base, best, worst))
-        if pair_by == "persona" and (pair := persona_pair(clean, persona_gap, no_less_relevant)) is not None:
-            pairs.append(preference_row(base, *pair))
+        if "persona" in kinds and (pair := persona_pair(clean, persona_gap, no_less_relevant)) is not None:
+            row = preference_row(base, *pair)
+            if not (pairs and (pairs[-1]["prompt"], pairs[-1]["persona"], pairs[-1]["chosen"], pairs[-1]["rejected"])
+                    == (prompt, persona, row["chosen"], row["rejected"])):
+                pairs.append(row)
     counts["pairs"] = len(pairs)
     return sft, pairs, counts
 
@@ -202,14 +209,18 @@ CARD_PERSONAS = {
 
 def write_card(stats: dict, out: str) -> None:
     gen = stats["generation"]
-    if stats.get("pair_by", "score") == "persona":
-        pair_kind = "(most, least in-character) candidates"
-        pair_rule = (f"a pair: the highest persona probability among the defect-free candidates at least as relevant "
+    kinds = stats.get("pair_by", ["score"])
+    kind_names, rules = [], []
+    if "score" in kinds:
+        kind_names.append("(best, worst)")
+        rules.append(f"a pair when best - worst >= {stats['pair_margin']}")
+    if "persona" in kinds:
+        kind_names.append("(most, least in-character) candidates")
+        rules.append(f"a pair: the highest persona probability among the defect-free candidates at least as relevant "
                      f"as their median vs the lowest persona probability among the defect-free candidates"
                      f"{' no more relevant than it' if stats.get('no_less_relevant') else ''}, when they differ by "
                      f">= {stats['persona_gap']}")
-    else:
-        pair_kind, pair_rule = "(best, worst)", f"a pair when best - worst >= {stats['pair_margin']}"
+    pair_kind, pair_rule = " and ".join(kind_names), "; and ".join(rules)
     text = CARD.format(
         num_samples=gen.get("num_samples"), turns=stats["turns"], sources=", ".join(gen.get("sources", [])),
         split_turns=", ".join(f"{k} {v}" for k, v in stats["turns_per_split"].items()),
@@ -237,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="minimum selection score of the kept reply (see SelectionJudge)")
     parser.add_argument("--pair_margin", type=float, default=0.2,
                         help="--pair_by score: minimum selection-score gap of a (best, worst) pair")
-    parser.add_argument("--pair_by", choices=PAIR_BY, default="score",
-                        help="score: (best, worst) by the selection score; persona: pairs contrasting persona evidence")
+    parser.add_argument("--pair_by", choices=PAIR_BY, nargs="+", default=["score"],
+                        help="score: (best, worst) by the selection score; persona: pairs contrasting persona evidence; "
+                             "both: the two pooled")
     parser.add_argument("--persona_gap", type=float, default=0.3,
                         help="--pair_by persona: minimum persona-probability gap of a pair")
     parser.add_argument("--no_less_relevant", action="store_true",
@@ -309,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
              "turns_per_split": {sp: int(frame[frame["split"] == sp]["prompt"].nunique()) for sp in SPLITS}, **counts, "acceptance_rate": counts["kept"] / max(1, counts["groups"]),
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
              "threshold": args.threshold, "pair_margin": args.pair_margin, "pair_by": args.pair_by,
-             "persona_gap": args.persona_gap if args.pair_by == "persona" else None,
-             "no_less_relevant": args.no_less_relevant if args.pair_by == "persona" else None, "generation": settings,
+             "persona_gap": args.persona_gap if "persona" in args.pair_by else None,
+             "no_less_relevant": args.no_less_relevant if "persona" in args.pair_by else None, "generation": settings,
              "dtypes": frame["dtype"].value_counts().to_dict() if "dtype" in frame else {},
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())

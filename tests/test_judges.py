@@ -155,6 +155,13 @@ def test_persona_pairs_contrast_persona_evidence_on_topic():
     assert (kept[0]["chosen"], kept[0]["rejected"]) == ("on-topic and piratey", "short, a bit salty")
     _, plain, _ = build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3)
     assert plain[0]["rejected"] == "bland and a little off"
+    # both rules pooled: each group's pairs of both kinds, a pair both rules make kept once
+    _, pooled, counts = build.select(frame, -10.0, 0.0, pair_by=("score", "persona"), persona_gap=0.3)
+    assert [(r["chosen"], r["rejected"]) for r in pooled] == [
+        ("on-topic and piratey", "broken loop loop loop"), ("on-topic and piratey", "bland and a little off")]
+    same = _judged_group([("ahoy, read a sea tale", 0.8, 0.9, 0.5, False), ("read something", 0.1, 0.1, 0.4, False)])
+    _, once, counts = build.select(same, -10.0, 0.0, pair_by=["score", "persona"], persona_gap=0.3)
+    assert counts["pairs"] == 1 and once[0]["chosen"] == "ahoy, read a sea tale"
     # a gap below persona_gap is no pair; an unknown pairing is an error
     assert build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.8)[1] == []
     with pytest.raises(ValueError, match="pair_by"):
