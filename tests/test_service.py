@@ -318,14 +318,15 @@ def test_max_tokens_and_temperature_are_honoured(client, service):
 
 def test_a_persona_with_a_lora_sub_personality_answers_with_it(tmp_path, hash_encoder):
     """`peft=`: "pirate" and "robot" answer with their own adapters (in the continuous batch and in
-    `generate`), a blend and a persona without an adapter with the master alone; each reply is what plain
-    `generate` gives with that adapter (or none)."""
+    `generate`), a persona without an adapter with the master alone, a blend of the two with their adapters
+    blended alike; each reply is what plain `generate` gives with that adapter (or none)."""
     from test_adapters import CONFIG, perturb
 
     from personaweave.chat import chat
     from personaweave.generation import generate_replies
+    from personaweave.models.personas import blend_name
     from personaweave.serving.app import REPETITION_PENALTY, ChatRequest
-    from personaweave.sub_personalities import add_sub_personality, lora_config
+    from personaweave.sub_personalities import add_sub_personality, blend_sub_personalities, lora_config
 
     model, tok = tiny_persona_model()
     peft = add_sub_personality(model, "pirate", lora_config(**CONFIG))
@@ -357,10 +358,22 @@ def test_a_persona_with_a_lora_sub_personality_answers_with_it(tmp_path, hash_en
     conversations = [service.conversation(p, request)[0] for p in ("pirate", "robot", "butler")]
     assert service.generate(conversations, personas=["pirate", "robot", "butler"]) == list(replies.values())
     assert service.generate(conversations[:1]) == [expected("pirate", None)]  # no personas: the master alone
-    blend = client.post("/v1/chat/completions", json=body(model="blend:pirate=0.5,robot=0.5"))
-    assert blend.status_code == 200
-    slot = next(iter(service.pool.entries.values()))[0]
-    assert service.adapter_of(slot) is None and service.adapter_of("pirate") == "pirate"
+    # a blend of personas with sub-personalities: the blended tokens + the parents' adapters blended alike
+    blend = client.post("/v1/chat/completions", json=body(model="blend:pirate=0.7,robot=0.3"))
+    assert blend.status_code == 200, blend.text
+    slot = service.pool.entries["blend:" + blend_name({"pirate": 0.7, "robot": 0.3})][0]
+    assert service.adapter_of(slot) == slot and service.adapter_of("pirate") == "pirate"
+    blend_sub_personalities(peft, {"pirate": 0.7, "robot": 0.3}, name="check", activate=False)
+    assert blend.json()["choices"][0]["message"]["content"] == expected(slot, "check")
+    assert expected(slot, "check") != expected(slot, None)  # the blended adapter changed the reply
+    peft.delete_adapter("check")
+    # a parent without an adapter: the tokens alone; a forgotten blend takes its adapter with it
+    assert client.post("/v1/chat/completions", json=body(model="blend:pirate=0.5,butler=0.5")).status_code == 200
+    assert service.adapter_of(service.pool.entries["blend:" + blend_name({"pirate": 0.5, "butler": 0.5})][0]) is None
+    with service.model_lock:
+        service.pool.forget("blend:" + blend_name({"pirate": 0.7, "robot": 0.3}))
+    assert slot not in peft.peft_config and service.adapter_of(slot) is None
+    assert set(peft.peft_config) == {"pirate", "robot"}
     with pytest.raises(ValueError, match="carries LoRA layers"):  # which adapter would answer is an accident
         PersonaService(model, tok, Storage(f"sqlite:///{tmp_path}/db1.sqlite"))
     with pytest.raises(ValueError, match="load_model's third value"):

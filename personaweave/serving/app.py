@@ -6,8 +6,10 @@ POST /v1/chat/completions  `model` = a persona name, a blend ("blend:librarian=0
                            `descriptions` checkpoint), "auto" (the adaptation engine picks the blend)
                            or "ab" (the persona A/B experiment assigns a variant); `user` = the user id.
                            A persona with a LoRA sub-personality (`peft=`, `serve`'s default) answers
-                           with its tokens and that adapter; blends, descriptions and "auto" with tokens
-                           alone
+                           with its tokens and that adapter; a blend of such personas with the blended
+                           tokens and its parents' adapters blended by the same weights (peft's `cat`
+                           blend, as the demo and the quality harness blend); a blend with a parent
+                           without an adapter, descriptions and "auto" with tokens alone
 GET  /v1/models            the personas a client may name, plus `auto` / `ab` when enabled (blends are
                            asked for as `blend:...` and not listed; the pool's slots are internal)
 GET/DELETE /v1/users/{id}  a user's state and turns (ids may contain "/")
@@ -80,7 +82,7 @@ from personaweave.serving.adaptation.abtest import UserExperiment
 from personaweave.serving.batching import ContinuousBatcher, FairLock, Generation, QueueFull
 from personaweave.serving.memory import Memory
 from personaweave.serving.storage import Storage
-from personaweave.sub_personalities import MASTER
+from personaweave.sub_personalities import MASTER, blend_sub_personalities, sub_personalities
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
@@ -207,12 +209,18 @@ class PersonaPool:
     once, so neither the tokenizer nor the embedding matrix grows with the number of blends or
     users. A slot in use by a request is pinned; the least recently used unpinned slot is
     evicted (`remove_persona`) when a new persona needs room. Bank edits need the caller to hold
-    the model lock (generation reads the bank)."""
+    the model lock (generation reads the bank).
 
-    def __init__(self, model: Any, tokenizer: Any, size: int) -> None:
+    With `peft` (the model with its LoRA sub-personalities), `acquire(..., lora=True)` of a blend whose parents
+    all have a sub-personality also adds the parents' adapters blended by the same weights (peft's `cat` blend)
+    as an adapter named after the slot, deleted with the slot's persona; its size is the sum of the parents'
+    ranks (about 19 MB in float32 for two rank-8 parents on SmolLM2-135M)."""
+
+    def __init__(self, model: Any, tokenizer: Any, size: int, peft: Any = None) -> None:
         if size < 1:
             raise ValueError("The persona pool needs at least one slot.")
-        self.model, self.tokenizer, self.size = model, tokenizer, size
+        self.model, self.tokenizer, self.size, self.peft = model, tokenizer, size, peft
+        self.lora_slots: set[str] = set()  # slots holding a blend of sub-personalities as a peft adapter of their name
         self.slots = [f"{POOL_PREFIX}{i}" for i in range(size)]
         # key -> (slot, blend weights or vector)
         self.entries: OrderedDict[str, tuple[str, dict[str, float] | torch.Tensor]] = OrderedDict()
@@ -241,19 +249,21 @@ class PersonaPool:
             self.pins[slot] += 1
             return slot
 
-    def acquire(self, key: str, blend: Mapping[str, float] | torch.Tensor, replace: bool = False) -> str:
+    def acquire(self, key: str, blend: Mapping[str, float] | torch.Tensor, replace: bool = False,
+                lora: bool = False) -> str:
         """Pin and return the slot holding `key`'s persona (`blend`: weights over the bank, or a vector),
         adding it (evicting the least recently used unpinned slot if the pool is full). With `replace`, the
-        persona is rebuilt from `blend` even when present (an adaptive user's new traits). Call with the
-        model lock held."""
+        persona is rebuilt from `blend` even when present (an adaptive user's new traits). With `lora`, a
+        blend of sub-personalities gets their blended adapter too (see the class). Call with the model lock
+        held."""
         blend = blend if isinstance(blend, torch.Tensor) else dict(blend)
         with self._lock:
             if key in self.entries:
                 slot, old = self.entries[key]
                 self.entries.move_to_end(key)
                 if replace and not (isinstance(old, dict) and old == blend):
-                    self.model.remove_persona(slot)
-                    self._add(slot, blend)
+                    self._remove(slot)
+                    self._add(slot, blend, lora)
                     self.entries[key] = (slot, blend)
                 self.pins[slot] += 1
                 return slot
@@ -267,18 +277,38 @@ class PersonaPool:
                     raise PoolExhausted(f"all {self.size} persona pool slots are in use")
                 slot = self.entries.pop(victim)[0]
                 self.evictions += 1
-            if slot in self.model.config.persona_names:
-                self.model.remove_persona(slot)
-            self._add(slot, blend)
+            self._remove(slot)
+            self._add(slot, blend, lora)
             self.entries[key] = (slot, blend)
             self.pins[slot] += 1
             return slot
 
-    def _add(self, slot: str, blend: Mapping[str, float] | torch.Tensor) -> None:
+    def _add(self, slot: str, blend: Mapping[str, float] | torch.Tensor, lora: bool = False) -> None:
         if isinstance(blend, torch.Tensor):
             self.model.add_persona(slot, vector=blend, tokenizer=self.tokenizer)
-        else:
-            self.model.add_persona(slot, blend=blend, tokenizer=self.tokenizer)
+            return
+        self.model.add_persona(slot, blend=blend, tokenizer=self.tokenizer)
+        parents = {name: weight for name, weight in blend.items() if weight > 0}
+        if (lora and self.peft is not None and parents
+                and set(parents) <= set(sub_personalities(self.peft)) - self.lora_slots):
+            try:
+                blend_sub_personalities(self.peft, parents, name=slot, activate=False)
+            except Exception:
+                self.model.remove_persona(slot)
+                raise
+            self.lora_slots.add(slot)
+
+    def _remove(self, slot: str) -> None:
+        """Drop the slot's persona and its blended adapter, if any."""
+        if slot in self.lora_slots:
+            self.peft.delete_adapter(slot)
+            self.lora_slots.discard(slot)
+        if slot in self.model.config.persona_names:
+            self.model.remove_persona(slot)
+
+    def adapter_of(self, slot: str) -> Optional[str]:
+        """The blended adapter a slot answers with (None: its tokens alone)."""
+        return slot if slot in self.lora_slots else None
 
     def release(self, slot: Optional[str]) -> None:
         if slot is None or not self.is_slot(slot):
@@ -292,8 +322,8 @@ class PersonaPool:
         """Drop `key`'s persona. Call with the model lock held."""
         with self._lock:
             entry = self.entries.pop(key, None)
-            if entry is not None and not self.pins[entry[0]] and entry[0] in self.model.config.persona_names:
-                self.model.remove_persona(entry[0])
+            if entry is not None and not self.pins[entry[0]]:
+                self._remove(entry[0])
 
 
 class Metrics:
@@ -331,7 +361,9 @@ class PersonaService:
         with a bank persona (not pool slots, whose tokens change meaning when a slot is reused).
         `peft`: `model` with its LoRA sub-personalities (as `load_model` returns it): a bank persona that
         has an adapter of its name answers with its tokens and that adapter (requests of different
-        adapters share decode steps); blends, descriptions and `auto` use the tokens alone."""
+        adapters share decode steps); a blend of such personas answers with the blended tokens and their adapters
+        blended by the same weights (an adapter per pool slot, see `PersonaPool`); descriptions, `auto` and blends
+        with a parent without an adapter use the tokens alone."""
         self.model, self.tokenizer, self.storage = model, tokenizer, storage
         self.dynamic_personas = decoder is None
         if decoder is not None and adapter is not None:
@@ -343,8 +375,6 @@ class PersonaService:
                              "which would answer every request with whichever adapter is active: pass `peft=` too, "
                              "or load the model with `with_adapters=False`.")
         if peft is not None:
-            from personaweave.sub_personalities import sub_personalities
-
             if decoder is not None:
                 raise ValueError("LoRA sub-personalities need the PyTorch backend; to serve them from an exported "
                                  "graph, bake them into it (`personaweave bake`).")
@@ -369,7 +399,7 @@ class PersonaService:
             if unknown:
                 raise ValueError(f"A/B variants {unknown} are not personas of the model.")
             self.experiment = UserExperiment(experiment_name, experiment)
-        self.pool = PersonaPool(model, tokenizer, pool_size)
+        self.pool = PersonaPool(model, tokenizer, pool_size, peft=peft)
         text_config = getattr(model.config, "text_config", model.config)
         self.window = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
         self.max_prompt_tokens = min(max_prompt_tokens or self.window, self.window)
@@ -466,7 +496,7 @@ class PersonaService:
                     with self.model_lock:
                         if spec == "auto":
                             weights = self.adapter.update(user or anonymous, message)
-                        slot = self.pool.acquire(key, weights, replace=spec == "auto")
+                        slot = self.pool.acquire(key, weights, replace=spec == "auto", lora=spec != "auto")
                 except PoolExhausted as err:
                     raise HTTPException(503, f"Busy: {err}; retry shortly.") from None
                 except (KeyError, ValueError) as err:
@@ -510,10 +540,11 @@ class PersonaService:
         return kwargs
 
     def adapter_of(self, bank_name: Optional[str]) -> Optional[str]:
-        """The LoRA sub-personality a bank persona answers with (None: the tokens alone)."""
-        if bank_name in self.sub_personalities and not self.pool.is_slot(bank_name):
-            return bank_name
-        return None
+        """The LoRA adapter a bank persona answers with: its sub-personality, or a pool slot's blend of its
+        parents' (None: the tokens alone)."""
+        if self.pool.is_slot(bank_name):
+            return self.pool.adapter_of(bank_name)
+        return bank_name if bank_name in self.sub_personalities else None
 
     def generate(self, conversations: list[list[dict[str, str]]], max_tokens: Optional[int] = None,
                  temperature: Optional[float] = None, top_p: Optional[float] = None,
