@@ -93,6 +93,65 @@ def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2)
     return out_dir
 
 
+def merge_persona_checkpoints(paths: Sequence[str], weights: Sequence[float], out_dir: str,
+                              adapters_from: int = 0) -> str:
+    """Write the weighted average of persona layers (checkpoint format) to `out_dir`: a linear merge.
+
+    Every tensor of `persona_layer.safetensors` (the persona vectors and the persona embedding) becomes
+    `sum(w_i * t_i)`; the layers must hold the same personas in the same order, with the same shapes. `weights`
+    are a convex combination (each in [0, 1], summing to 1). `persona_config.json` and the LoRA `adapters/`
+    are copied from `paths[adapters_from]`. Layers trained from one start (e.g. two DPO runs from the same
+    layer) merge into a point between them (the trade-off curve of recipes/persona_quality.py, session 15).
+    """
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    if len(paths) < 2 or len(paths) != len(weights):
+        raise ValueError(f"Need two or more checkpoints and one weight each; got {len(paths)} and {len(weights)}.")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and 0.0 <= w <= 1.0 for w in weights) \
+            or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"Merge weights must be finite, in [0, 1] and sum to 1; got {list(weights)}.")
+    if not 0 <= adapters_from < len(paths):
+        raise ValueError(f"adapters_from={adapters_from} is not one of the {len(paths)} checkpoints.")
+    metas, layers = [], []
+    for path in paths:
+        if not has_shipped_checkpoint(path):
+            raise FileNotFoundError(f"No persona checkpoint ({LAYER_FILE}) in {path}.")
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as handle:
+            metas.append(json.load(handle))
+        layers.append(load_file(os.path.join(path, LAYER_FILE)))
+    names = [[p["name"] for p in meta["personas"]] for meta in metas]
+    for path, meta, these, layer in zip(paths[1:], metas[1:], names[1:], layers[1:]):
+        if these != names[0] or meta["base"] != metas[0]["base"]:
+            raise ValueError(f"{path} holds personas {these} on {meta['base']!r}; {paths[0]} holds {names[0]} on "
+                             f"{metas[0]['base']!r}: only layers of the same personas and base merge.")
+        if {k: tuple(v.shape) for k, v in layer.items()} != {k: tuple(v.shape) for k, v in layers[0].items()}:
+            raise ValueError(f"{path}'s persona layer has other tensors or shapes than {paths[0]}'s.")
+    merged = {key: sum(w * layer[key].float() for w, layer in zip(weights, layers)).to(layers[0][key].dtype).contiguous()
+              for key in layers[0]}
+    source = paths[adapters_from]
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    try:
+        save_file(merged, os.path.join(tmp, LAYER_FILE))
+        meta = dict(metas[adapters_from])
+        meta["merged_from"] = [{"checkpoint": os.path.abspath(p), "weight": float(w)} for p, w in zip(paths, weights)]
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=1)
+        from personaweave.sub_personalities import ADAPTERS_DIR
+
+        if os.path.isdir(os.path.join(source, ADAPTERS_DIR)):
+            shutil.copytree(os.path.join(source, ADAPTERS_DIR), os.path.join(tmp, ADAPTERS_DIR))
+        for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp create owner-only files and folders
+            for entry in dirs + files:
+                os.chmod(os.path.join(root, entry), 0o755 if entry in dirs else 0o644)
+        os.chmod(tmp, 0o755)
+        replace_folder(tmp, os.path.abspath(out_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def load_pretrained_personas(path: Optional[str] = None, with_adapters: bool = True, **load_kwargs: Any):
     """(model, tokenizer, peft model or None) with the trained personas on the shipped base."""
     from safetensors.torch import load_file
@@ -158,8 +217,9 @@ def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base
     """The one model loader: `(model, tokenizer, peft)`.
 
     `source` is None (the trained personas shipped in the package, on `base`; an untrained build when
-    no checkpoint ships) or a saved PersonaWeave folder (checked first; its LoRA sub-personalities are
-    loaded when `with_adapters`). With `source=None`, `checkpoint` picks the shipped checkpoint:
+    no checkpoint ships), a saved PersonaWeave folder (checked first; its LoRA sub-personalities are
+    loaded when `with_adapters`) or a folder in the shipped checkpoint's format (`persona_layer.safetensors`
+    + `persona_config.json` [+ `adapters/`], as `export_persona_checkpoint` writes). With `source=None`, `checkpoint` picks the shipped checkpoint:
     "default" (the 8 default personas with their LoRA sub-personalities) or "descriptions" (a persona
     layer trained over 72 descriptions, for personas added from a new description). The tokenizer pads
     on the left, for generation.
@@ -178,6 +238,8 @@ def load_model(source: Optional[str] = None, *, with_adapters: bool = True, base
                                     f"{SMOLLM2!r} (got {base!r}).")
         model, tokenizer = from_base(base, personas="default")
         return LoadedModel(model, tokenizer, None)
+    if os.path.isdir(source) and has_shipped_checkpoint(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        return LoadedModel(*load_pretrained_personas(source, with_adapters=with_adapters))  # checkpoint format
     read_model_config(source)
     model = PersonaWeaveForCausalLM.from_pretrained(source).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)

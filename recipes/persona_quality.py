@@ -207,7 +207,8 @@ def main(args: PersonaQualityArguments) -> dict[str, Any]:
             ev = evaluation.judge(prompts, texts, targets)
             sel = selection.judge(prompts, texts, targets)
         table[row] = {"evaluation_judge": ev.summary(),
-                      "selection_judge": {k: sel.summary()[k] for k in ("persona_accuracy", "persona_prob", "score")},
+                      "selection_judge": {k: sel.summary()[k] for k in ("persona_accuracy", "persona_prob", "score",
+                                                                                  "relevance", "fluency")},
                       "per_persona_accuracy": {n: float(sum(p == n for p, t in zip(ev.predicted, targets) if t == n)
                                                         / max(1, targets.count(n))) for n in names},
                       "mean_words": sum(len(t.split()) for t in texts) / max(1, len(texts)),

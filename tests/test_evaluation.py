@@ -76,3 +76,61 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
         set_sub_personality(loaded_peft, "robot")
         # adapters are shipped in fp16: close, not bit-identical
         torch.testing.assert_close(loaded_peft(input_ids=ids).logits, with_lora, rtol=1e-2, atol=1e-2)
+
+
+def test_merged_persona_checkpoints_are_the_weighted_average_and_load_as_a_model(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from personaweave.loading import CONFIG_FILE, LAYER_FILE, load_model, merge_persona_checkpoints
+
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok), seed=3)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    config = PersonaWeaveConfig(text_config=base.config, persona_dim=8, num_persona_tokens=2, persona_hidden_size=16)
+    model = PersonaWeaveForCausalLM(config, language_model=base).eval()
+    for p in model.persona_embedding.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    g = torch.Generator().manual_seed(0)
+    for name in ("robot", "pirate"):
+        model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
+    model.save_pretrained(tmp_path / "trained")
+    tok.save_pretrained(tmp_path / "trained")
+    peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
+    save_sub_personalities(peft, str(tmp_path / "trained"))
+    a = export_persona_checkpoint(str(tmp_path / "trained"), str(tmp_path / "a"), base=str(tmp_path / "base"))
+    layer_a = load_file(str(tmp_path / "a" / LAYER_FILE))
+    layer_b = {k: v + torch.randn(v.shape, generator=g) for k, v in layer_a.items()}  # another "trained" layer
+    (tmp_path / "b").mkdir()
+    save_file(layer_b, str(tmp_path / "b" / LAYER_FILE))
+    (tmp_path / "b" / CONFIG_FILE).write_text((tmp_path / "a" / CONFIG_FILE).read_text())
+
+    out = merge_persona_checkpoints([a, str(tmp_path / "b")], [0.25, 0.75], str(tmp_path / "merged"))
+    merged = load_file(str(tmp_path / "merged" / LAYER_FILE))
+    assert set(merged) == set(layer_a)
+    for key in merged:
+        torch.testing.assert_close(merged[key], 0.25 * layer_a[key] + 0.75 * layer_b[key])
+    assert (tmp_path / "merged" / "adapters" / "robot" / "adapter_model.safetensors").is_file()
+    assert [m["weight"] for m in json.loads((tmp_path / "merged" / CONFIG_FILE).read_text())["merged_from"]] == [0.25, 0.75]
+
+    # a checkpoint-format folder is a model source of its own: the same model as load_pretrained_personas gives
+    loaded, loaded_tok, loaded_peft = load_model(out)
+    direct, _, _ = load_pretrained_personas(out)
+    ids = encode(loaded_tok, "pirate")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, direct(input_ids=ids).logits)
+        first, _, _ = load_model(merge_persona_checkpoints([a, str(tmp_path / "b")], [1.0, 0.0], str(tmp_path / "m1")))
+        torch.testing.assert_close(first(input_ids=ids).logits, load_pretrained_personas(a)[0](input_ids=ids).logits)
+    assert loaded_peft is not None and "robot" in loaded_peft.peft_config
+
+    for weights in ([0.5, 0.6], [float("nan"), 1.0], [1.5, -0.5], [1.0]):
+        with pytest.raises(ValueError, match="weight"):
+            merge_persona_checkpoints([a, str(tmp_path / "b")], weights, str(tmp_path / "bad"))
+    other = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    other["personas"] = other["personas"][::-1]
+    (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="same personas"):
+        merge_persona_checkpoints([a, str(tmp_path / "b")], [0.5, 0.5], str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
