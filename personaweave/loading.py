@@ -53,6 +53,15 @@ def has_shipped_checkpoint(path: Optional[str] = None) -> bool:
     return os.path.isfile(os.path.join(path or shipped_checkpoint_dir(), LAYER_FILE))
 
 
+def _publish_checkpoint(tmp: str, out_dir: str) -> None:
+    """Make a checkpoint written in `tmp` readable by all and swap it in as `out_dir` (never half-written)."""
+    for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp create owner-only files and folders
+        for entry in dirs + files:
+            os.chmod(os.path.join(root, entry), 0o755 if entry in dirs else 0o644)
+    os.chmod(tmp, 0o755)
+    replace_folder(tmp, os.path.abspath(out_dir))
+
+
 def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2) -> str:
     """Copy the persona layer, bank and adapters (fp16) of a trained model folder to `out_dir`."""
     from safetensors.torch import load_file, save_file
@@ -83,11 +92,7 @@ def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2)
                 shutil.copy(os.path.join(src, name, "adapter_config.json"), dst)
                 save_file({k: v.half().contiguous() for k, v in load_file(adapter).items()},
                           os.path.join(dst, "adapter_model.safetensors"))
-        for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp create owner-only files and folders
-            for entry in dirs + files:
-                os.chmod(os.path.join(root, entry), 0o755 if entry in dirs else 0o644)
-        os.chmod(tmp, 0o755)
-        replace_folder(tmp, os.path.abspath(out_dir))
+        _publish_checkpoint(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -142,11 +147,7 @@ def merge_persona_checkpoints(paths: Sequence[str], weights: Sequence[float], ou
 
         if os.path.isdir(os.path.join(source, ADAPTERS_DIR)):
             shutil.copytree(os.path.join(source, ADAPTERS_DIR), os.path.join(tmp, ADAPTERS_DIR))
-        for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp create owner-only files and folders
-            for entry in dirs + files:
-                os.chmod(os.path.join(root, entry), 0o755 if entry in dirs else 0o644)
-        os.chmod(tmp, 0o755)
-        replace_folder(tmp, os.path.abspath(out_dir))
+        _publish_checkpoint(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

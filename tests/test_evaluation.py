@@ -34,7 +34,8 @@ def test_perplexity_of_master_equals_base_without_persona_tokens(persona_model):
     assert perplexity(model, tok, texts[:1]) == pytest.approx(math.exp(loss.item()), rel=1e-5)
 
 
-def test_exported_checkpoint_reloads_on_its_base(tmp_path):
+def trained_model(tmp_path):
+    """A tiny trained-looking PersonaWeave model (robot, pirate) whose base is saved under tmp_path/base."""
     tok = tiny_tokenizer()
     base = tiny_llama(len(tok), seed=3)
     base.save_pretrained(tmp_path / "base")
@@ -46,6 +47,11 @@ def test_exported_checkpoint_reloads_on_its_base(tmp_path):
     g = torch.Generator().manual_seed(0)
     for name in ("robot", "pirate"):
         model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
+    return model, tok
+
+
+def test_exported_checkpoint_reloads_on_its_base(tmp_path):
+    model, tok = trained_model(tmp_path)
     model.config.few_shot_temperature, model.config.few_shot_lr = 0.05, 0.005  # a learned few-shot start travels
     model.config.few_shot_offset = [0.25] * 8
     model.save_pretrained(tmp_path / "trained")
@@ -85,17 +91,8 @@ def test_merged_persona_checkpoints_are_the_weighted_average_and_load_as_a_model
 
     from personaweave.loading import CONFIG_FILE, LAYER_FILE, load_model, merge_persona_checkpoints
 
-    tok = tiny_tokenizer()
-    base = tiny_llama(len(tok), seed=3)
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    config = PersonaWeaveConfig(text_config=base.config, persona_dim=8, num_persona_tokens=2, persona_hidden_size=16)
-    model = PersonaWeaveForCausalLM(config, language_model=base).eval()
-    for p in model.persona_embedding.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    g = torch.Generator().manual_seed(0)
-    for name in ("robot", "pirate"):
-        model.add_persona(name, f"a {name}", vector=torch.randn(8, generator=g), tokenizer=tok)
+    model, tok = trained_model(tmp_path)
+    g = torch.Generator().manual_seed(1)
     model.save_pretrained(tmp_path / "trained")
     tok.save_pretrained(tmp_path / "trained")
     peft = add_sub_personality(model, "robot", lora_config(**CONFIG))
