@@ -9,7 +9,8 @@ relevance, bare-base fluency, penalties), and keeps for each (turn, persona):
   `--pair_by persona`, (the most in-character candidate among the on-topic half, the least in-character
   candidate) when their persona probabilities differ by at least `--persona_gap`: pairs that contrast persona
   evidence alone, neither side with a hard defect, the chosen side at least as relevant as the median candidate
-  (with `--no_less_relevant`, the rejected side also no more relevant than the chosen one).
+  (with `--no_less_relevant`, the rejected side also no more relevant than the chosen one; with
+  `--no_less_fluent`, no more fluent under the bare base).
 The evaluation anchors are never read here (tests/test_judges.py checks it).
 
 Judged shards are cached beside the candidates (`judged-XXXXX.parquet`), so re-running after new
@@ -57,18 +58,23 @@ def judge_shard(path: str, judge, out_path: str):
 PAIR_BY = ("score", "persona")
 
 
-def persona_pair(clean, persona_gap: float, no_less_relevant: bool = False):
+def persona_pair(clean, persona_gap: float, no_less_relevant: bool = False, no_less_fluent: bool = False):
     """(chosen, rejected) candidates contrasting persona evidence, or None.
 
     Chosen: the highest selection-judge persona probability among the defect-free candidates at least as relevant
     as their median; rejected: the lowest persona probability among the defect-free candidates (with
-    `no_less_relevant`, among those no more relevant than the chosen one, so no pair prefers a less relevant reply).
+    `no_less_relevant`, among those no more relevant than the chosen one, so no pair prefers a less relevant reply;
+    with `no_less_fluent`, among those no more fluent, so no pair prefers a less fluent reply).
     """
     if len(clean) < 2:
         return None
     on_topic = clean[clean["relevance"] >= clean["relevance"].median()]
     chosen = on_topic.sort_values("persona_prob", ascending=False).iloc[0]
     pool = clean[clean["relevance"] <= chosen["relevance"]] if no_less_relevant else clean
+    if no_less_fluent:
+        pool = pool[pool["fluency"] <= chosen["fluency"]]
+    if pool.empty:
+        return None
     rejected = pool.sort_values("persona_prob").iloc[0]
     if (float(chosen["persona_prob"]) - float(rejected["persona_prob"]) < persona_gap
             or chosen["reply_trimmed"] == rejected["reply_trimmed"]):
@@ -77,7 +83,7 @@ def persona_pair(clean, persona_gap: float, no_less_relevant: bool = False):
 
 
 def select(frame, threshold: float, pair_margin: float, persona_set: str = "default", pair_by: str = "score",
-           persona_gap: float = 0.3, no_less_relevant: bool = False):
+           persona_gap: float = 0.3, no_less_relevant: bool = False, no_less_fluent: bool = False):
     """(sft rows, preference rows, counts) from judged candidates.
 
     `pair_by`: one of `PAIR_BY`, or several (their pairs pooled; a (chosen, rejected) pair both rules make is kept once).
@@ -116,7 +122,7 @@ def select(frame, threshold: float, pair_margin: float, persona_set: str = "defa
             if ("score" in kinds and float(best["score"]) - float(worst["score"]) >= pair_margin
                     and worst["reply_trimmed"] != best["reply_trimmed"]):
                 pairs.append(preference_row(base, best, worst))
-        if "persona" in kinds and (pair := persona_pair(clean, persona_gap, no_less_relevant)) is not None:
+        if "persona" in kinds and (pair := persona_pair(clean, persona_gap, no_less_relevant, no_less_fluent)) is not None:
             row = preference_row(base, *pair)
             if not (pairs and (pairs[-1]["prompt"], pairs[-1]["persona"], pairs[-1]["chosen"], pairs[-1]["rejected"])
                     == (prompt, persona, row["chosen"], row["rejected"])):
@@ -218,7 +224,8 @@ def write_card(stats: dict, out: str) -> None:
         kind_names.append("(most, least in-character) candidates")
         rules.append(f"a pair: the highest persona probability among the defect-free candidates at least as relevant "
                      f"as their median vs the lowest persona probability among the defect-free candidates"
-                     f"{' no more relevant than it' if stats.get('no_less_relevant') else ''}, when they differ by "
+                     f"{' no more relevant than it' if stats.get('no_less_relevant') else ''}"
+                     f"{' no more fluent than it' if stats.get('no_less_fluent') else ''}, when they differ by "
                      f">= {stats['persona_gap']}")
     pair_kind, pair_rule = " and ".join(kind_names), "; and ".join(rules)
     text = CARD.format(
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--pair_by persona: minimum persona-probability gap of a pair")
     parser.add_argument("--no_less_relevant", action="store_true",
                         help="--pair_by persona: the rejected reply is never more relevant than the chosen one")
+    parser.add_argument("--no_less_fluent", action="store_true",
+                        help="--pair_by persona: the rejected reply is never more fluent (bare base) than the chosen one")
     parser.add_argument("--judge_first", nargs="*", default=["train"],
                         help="judge unjudged shards holding these splits first")
     parser.add_argument("--max_judge", type=int, default=None,
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         frame["origin"] = "base:prompted"
     frame["origin"] = frame["origin"].fillna("base:prompted")
     sft, pairs, counts = select(frame, args.threshold, args.pair_margin, persona_set, args.pair_by, args.persona_gap,
-                                args.no_less_relevant)
+                                args.no_less_relevant, args.no_less_fluent)
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     for split in SPLITS:
@@ -322,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
              "rows": rows, "pairs_per_split": {s: sum(r["split"] == s for r in pairs) for s in SPLITS},
              "threshold": args.threshold, "pair_margin": args.pair_margin, "pair_by": args.pair_by,
              "persona_gap": args.persona_gap if "persona" in args.pair_by else None,
-             "no_less_relevant": args.no_less_relevant if "persona" in args.pair_by else None, "generation": settings,
+             "no_less_relevant": args.no_less_relevant if "persona" in args.pair_by else None,
+             "no_less_fluent": args.no_less_fluent if "persona" in args.pair_by else None, "generation": settings,
              "dtypes": frame["dtype"].value_counts().to_dict() if "dtype" in frame else {},
              "mean_selected": {k: float(pd.DataFrame(sft)[k].mean()) for k in ("score", "persona_prob", "relevance", "fluency")} if sft else {},
              "mean_all_candidates": {k: float(frame[k].replace([float("-inf")], float("nan")).mean())

@@ -155,6 +155,14 @@ def test_persona_pairs_contrast_persona_evidence_on_topic():
     assert (kept[0]["chosen"], kept[0]["rejected"]) == ("on-topic and piratey", "short, a bit salty")
     _, plain, _ = build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3)
     assert plain[0]["rejected"] == "bland and a little off"
+    # no_less_fluent: nor more fluent (bare base) than the chosen one (-2.0): the salty reply is now more fluent, and
+    # every other less in-character candidate is more relevant: no pair
+    frame.loc[frame["reply_trimmed"] == "short, a bit salty", "fluency"] = -1.0
+    assert build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3, no_less_relevant=True,
+                        no_less_fluent=True)[1] == []
+    _, fluent_ok, _ = build.select(frame, -10.0, 0.0, pair_by="persona", persona_gap=0.3, no_less_relevant=True)
+    assert fluent_ok[0]["rejected"] == "short, a bit salty"
+    frame.loc[frame["reply_trimmed"] == "short, a bit salty", "fluency"] = -2.0
     # both rules pooled: each group's pairs of both kinds, a pair both rules make kept once
     _, pooled, counts = build.select(frame, -10.0, 0.0, pair_by=("score", "persona"), persona_gap=0.3)
     assert [(r["chosen"], r["rejected"]) for r in pooled] == [
