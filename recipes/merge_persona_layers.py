@@ -4,8 +4,7 @@ Two layers trained from the same start trade persona evidence against relevance 
 (session 14: DPO on persona-evidence pairs vs on mixed pairs); a weighted average of their weights gives a
 point between them, at no training cost. The LoRA adapters and bank metadata come from `--adapters_from`.
 
-    python recipes/merge_persona_layers.py --checkpoints outputs/mixed_ckpt personaweave/data/checkpoint \\
-        --weights 0.75 0.25 --output_dir outputs/merged_t025
+    python recipes/merge_persona_layers.py --config recipes/configs/merge_persona_layers.yaml
 
 A saved PersonaWeave model folder is exported to the checkpoint format first
 (`personaweave.loading.export_persona_checkpoint`, done here when a folder holds `config.json`).
@@ -29,6 +28,10 @@ class MergePersonaLayersArguments:
     adapters_from: int = field(default=0, metadata={"help": "Index of the checkpoint whose LoRA adapters are copied."})
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((MergePersonaLayersArguments,))
+
+
 def main(args: MergePersonaLayersArguments) -> str:
     from personaweave.loading import export_persona_checkpoint, merge_persona_checkpoints
 
@@ -44,5 +47,5 @@ def main(args: MergePersonaLayersArguments) -> str:
 
 
 if __name__ == "__main__":
-    (arguments,) = TrlParser((MergePersonaLayersArguments,)).parse_args_and_config()
+    (arguments,) = make_parser().parse_args_and_config()
     main(arguments)
