@@ -99,14 +99,15 @@ def export_persona_checkpoint(model_dir: str, out_dir: str, base: str = SMOLLM2)
 
 
 def merge_persona_checkpoints(paths: Sequence[str], weights: Sequence[float], out_dir: str,
-                              adapters_from: int = 0) -> str:
+                              adapters_from: int = 0, labels: Optional[Sequence[str]] = None) -> str:
     """Write the weighted average of persona layers (checkpoint format) to `out_dir`: a linear merge.
 
     Every tensor of `persona_layer.safetensors` (the persona vectors and the persona embedding) becomes
     `sum(w_i * t_i)`; the layers must hold the same personas in the same order, with the same shapes. `weights`
     are a convex combination (each in [0, 1], summing to 1). `persona_config.json` and the LoRA `adapters/`
-    are copied from `paths[adapters_from]`. Layers trained from one start (e.g. two DPO runs from the same
-    layer) merge into a point between them (the trade-off curve of recipes/persona_quality.py, session 15).
+    are copied from `paths[adapters_from]`; `merged_from` in it records `labels` (default: the paths as given)
+    and the weights. Layers trained from one start (e.g. two DPO runs from the same layer) merge into a point
+    between them.
     """
     import math
 
@@ -117,6 +118,8 @@ def merge_persona_checkpoints(paths: Sequence[str], weights: Sequence[float], ou
     if not all(isinstance(w, (int, float)) and math.isfinite(w) and 0.0 <= w <= 1.0 for w in weights) \
             or abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"Merge weights must be finite, in [0, 1] and sum to 1; got {list(weights)}.")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"Need one label per checkpoint; got {len(labels)} for {len(paths)}.")
     if not 0 <= adapters_from < len(paths):
         raise ValueError(f"adapters_from={adapters_from} is not one of the {len(paths)} checkpoints.")
     metas, layers = [], []
@@ -140,7 +143,8 @@ def merge_persona_checkpoints(paths: Sequence[str], weights: Sequence[float], ou
     try:
         save_file(merged, os.path.join(tmp, LAYER_FILE))
         meta = dict(metas[adapters_from])
-        meta["merged_from"] = [{"checkpoint": os.path.abspath(p), "weight": float(w)} for p, w in zip(paths, weights)]
+        meta["merged_from"] = [{"checkpoint": str(label), "weight": float(w)}
+                               for label, w in zip(labels or paths, weights)]
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1)
         from personaweave.sub_personalities import ADAPTERS_DIR

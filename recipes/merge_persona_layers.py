@@ -41,7 +41,8 @@ def main(args: MergePersonaLayersArguments) -> str:
             if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its layer in checkpoint format
                 path = export_persona_checkpoint(path, os.path.join(scratch, f"checkpoint_{i}"))
             paths.append(path)
-        out = merge_persona_checkpoints(paths, args.weights, args.output_dir, adapters_from=args.adapters_from)
+        out = merge_persona_checkpoints(paths, args.weights, args.output_dir, adapters_from=args.adapters_from,
+                                        labels=args.checkpoints)
     print(f"merged {len(paths)} persona layers ({', '.join(f'{w:g}' for w in args.weights)}) -> {out}")
     return out
 

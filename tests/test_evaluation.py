@@ -110,7 +110,8 @@ def test_merged_persona_checkpoints_are_the_weighted_average_and_load_as_a_model
     for key in merged:
         torch.testing.assert_close(merged[key], 0.25 * layer_a[key] + 0.75 * layer_b[key])
     assert (tmp_path / "merged" / "adapters" / "robot" / "adapter_model.safetensors").is_file()
-    assert [m["weight"] for m in json.loads((tmp_path / "merged" / CONFIG_FILE).read_text())["merged_from"]] == [0.25, 0.75]
+    assert json.loads((tmp_path / "merged" / CONFIG_FILE).read_text())["merged_from"] == [
+        {"checkpoint": a, "weight": 0.25}, {"checkpoint": str(tmp_path / "b"), "weight": 0.75}]
 
     # a checkpoint-format folder is a model source of its own: the same model as load_pretrained_personas gives
     loaded, loaded_tok, loaded_peft = load_model(out)
